@@ -96,9 +96,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def _json_default(o):
-    if hasattr(o, "item"):  # numpy / torch scalars
-        return o.item()
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):  # numpy / torch arrays and scalars
         return o.tolist()
     if isinstance(o, Path):
         return str(o)

@@ -1,0 +1,618 @@
+"""Models and checkpoint I/O: the built-in SmallNet, timm models, and the one safe loader.
+
+`create_model` builds a built-in ("smallnet", "smallnet_s", "smallnet_l") or any timm model;
+`save_checkpoint` / `load_checkpoint` / `load_model` read and write the checkpoint format of
+SPEC section 3 (a plain dict loadable with `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import pickle
+import re
+import warnings
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from common import UserError, atomic_path, jsonable
+
+CHECKPOINT_FORMAT = 1
+# Wrappers that other tools put around a state dict (timm, Lightning-style scripts, tutorials).
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net", "network")
+# Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# ---------------------------------------------------------------------------
+# Built-in model: SmallNet, after the airbench CIFAR-10 speed-record networks.
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU (optionally residual)."""
+
+    def __init__(self, cin: int, cout: int, residual: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = nn.GELU()
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling before BN is airbench's order: BN then sees 4x fewer pixels, same result.
+        x = self.act1(self.bn1(self.pool(self.conv1(x))))
+        y = self.act2(self.bn2(self.conv2(x)))
+        return x + y if self.residual else y
+
+
+class SmallNet(nn.Module):
+    """Fast CNN for small images: full-resolution stem, a pooling conv block per width, max pool."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        widths: tuple[int, ...] = (64, 128, 256),
+        drop_rate: float = 0.0,
+        residual: bool = False,
+    ):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.widths = widths
+        self.num_features = widths[-1]
+        self.stem = nn.Sequential(*_conv_bn(in_chans, widths[0]))
+        # Block i outputs widths[i]; the stem already has widths[0] channels.
+        self.blocks = nn.ModuleList(
+            ConvBlock(cin, cout, residual) for cin, cout in zip(widths[:1] + widths[:-1], widths)
+        )
+        self.drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features, N x num_features."""
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.amax(dim=(2, 3))  # global max pool, as airbench does
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.forward_features(x)))
+
+    # timm-style names, so generic code can treat both kinds alike.
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        w = self.head.weight
+        self.head = nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
+        self.num_classes = num_classes
+
+
+# Each block halves the resolution, so 3 blocks need images of at least 8 x 8 px.
+BUILTINS: dict[str, dict] = {
+    "smallnet": {"widths": (64, 128, 256)},
+    "smallnet_s": {"widths": (32, 64, 128)},
+    "smallnet_l": {"widths": (96, 192, 384)},
+}
+
+
+# ---------------------------------------------------------------------------
+# Creating models
+
+
+def _size2(img_size) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    h, w = img_size
+    return int(h), int(w)
+
+
+def _unknown_model(arch: str) -> UserError:
+    names = sorted(BUILTINS) + timm.list_models()
+    lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(arch.lower(), list(lower), n=6, cutoff=0.6)
+    hint = f"did you mean {', '.join(lower[c] for c in close)}?" if close else "no close match"
+    return UserError(
+        f"unknown --model '{arch}' ({hint}); use a built-in ({', '.join(BUILTINS)}) "
+        "or a timm name (timm.list_models())"
+    )
+
+
+def _create_timm(
+    arch: str, num_classes, in_chans, img_size, pretrained, drop_rate, drop_path_rate, model_kwargs
+) -> nn.Module:
+    kw = {
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "drop_rate": drop_rate,
+        "drop_path_rate": drop_path_rate,
+        "img_size": img_size,
+        **model_kwargs,
+    }
+    # Only ViT-like models take img_size; not every model takes drop rates. Drop what the
+    # constructor refuses, unless the user asked for a non-default value of it.
+    optional = {"img_size": None, "drop_rate": 0.0, "drop_path_rate": 0.0}
+    while True:
+        try:
+            return timm.create_model(arch, pretrained=pretrained, **kw)
+        except TypeError as e:
+            # "... unexpected keyword argument 'x'" or "... argument(s): ['x', ...]"
+            m = re.search(r"unexpected keyword argument\S*:? \[?'(\w+)'", str(e))
+            name = m.group(1) if m else None
+            if name not in optional or name not in kw or name in model_kwargs:
+                raise
+            if name != "img_size" and kw[name] != optional[name]:
+                raise UserError(
+                    f"{arch} does not support {name}={kw[name]}; set it to 0 or use another --model"
+                ) from None
+            del kw[name]
+        except (RuntimeError, OSError, ValueError) as e:
+            if not pretrained:
+                raise
+            # Download failures, or no pretrained weights for this name.
+            raise UserError(
+                f"{arch}: cannot get pretrained weights ({str(e).splitlines()[0][:200]}); "
+                "check the network / HF cache, or drop --pretrained"
+            ) from None
+
+
+def _forward_ok(model: nn.Module, in_chans: int, size: tuple[int, int]) -> Exception | None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return e
+    return None
+
+
+def _check_size(model: nn.Module, arch: str, in_chans: int, size: tuple[int, int]) -> None:
+    """Dry-run one zero image so an unusable size fails now with a clear message."""
+    was_training = model.training
+    model.eval()  # batch of 1: train-mode BN would refuse it
+    try:
+        err = _forward_ok(model, in_chans, size)
+        if err is None:
+            return
+        # Only on failure: find the smallest power of two that works, else the model's default.
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        default = int(cfg.get("input_size", (0, 224, 224))[-1])
+        need = f"{default} (its default)"
+        side = 8
+        while side < default:
+            if side > min(size) and _forward_ok(model, in_chans, (side, side)) is None:
+                need = f">= {side}"
+                break
+            side *= 2
+        why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"image size {size[0]}x{size[1]} too small for {arch} ({why}); "
+            f"use --img-size {need} or another --model"
+        )
+    finally:
+        model.train(was_training)
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    in_chans: int = 1,
+    img_size=(28, 28),
+    pretrained: bool = False,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    *,
+    model_kwargs: dict | None = None,
+    check_size: bool = True,
+) -> nn.Module:
+    """Build a built-in or timm model; UserError for unknown names or unusable image sizes.
+
+    `model_kwargs` go to the constructor (e.g. {"widths": [32, 64, 128]} for smallnet); store them
+    in the checkpoint as "model_kwargs" so `load_model` can rebuild the same network.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    size = _size2(img_size) if img_size is not None else None
+    if arch in BUILTINS:
+        if pretrained:
+            raise UserError(
+                f"{arch} has no pretrained weights; drop --pretrained or load a file with --weights"
+            )
+        model = SmallNet(
+            num_classes, in_chans, drop_rate=drop_rate, **{**BUILTINS[arch], **model_kwargs}
+        )
+    else:
+        if arch.startswith(("hf-hub:", "hf_hub:")):
+            if not pretrained:
+                raise UserError(
+                    f"{arch}: hub models are only fetched with --pretrained; "
+                    "use the timm model name to build it without the network"
+                )
+        elif not timm.is_model(arch):
+            raise _unknown_model(arch)
+        model = _create_timm(
+            arch, num_classes, in_chans, size, pretrained, drop_rate, drop_path_rate, model_kwargs
+        )
+    if check_size and size is not None:
+        _check_size(model, arch, in_chans, size)
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------
+# Devices and mixed precision
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """auto|cpu|cuda|cuda:N|mps -> torch.device; UserError when that device is absent."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); "
+                "use cuda:0..cuda:N-1"
+            )
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"unsupported --device '{name}'; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: str | torch.device, amp: str | None):
+    """torch.autocast for amp "bf16"/"fp16", or a null context for None/"none"."""
+    if amp in (None, "", "none", "no", "off", "fp32"):
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise UserError(f"unknown --amp '{amp}'; use none, bf16 or fp16")
+    dev_type = torch.device(device).type
+    dtype = AMP_DTYPES[amp]
+    if dev_type == "cpu" and dtype == torch.float16:
+        # fp16 on CPU is slow or unsupported on most CPUs; bf16 needs no loss scaling either.
+        warnings.warn("--amp fp16 on CPU: using bf16 instead", stacklevel=2)
+        dtype = torch.bfloat16
+    if dev_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+    return torch.autocast(dev_type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# Heads and feature blocks
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel/DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def reset_head(model: nn.Module, num_classes: int) -> None:
+    """Replace the classifier with a freshly initialised one for `num_classes` outputs."""
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    model.reset_classifier(num_classes)
+    model.to(device)  # timm builds the new head on the CPU
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """state_dict key prefixes of the classifier, e.g. ["head."] or ["fc."]."""
+    model = unwrap(model)
+    if isinstance(model, SmallNet):
+        return ["head."]
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") or []
+    names = [names] if isinstance(names, str) else list(names)
+    keys = model.state_dict().keys()
+    prefixes = [n + "." for n in names if any(k.startswith(n + ".") for k in keys)]
+    if not prefixes and hasattr(model, "get_classifier"):
+        clf = model.get_classifier()
+        clf = clf[0] if isinstance(clf, tuple) else clf
+        prefixes = [n + "." for n, m in model.named_modules() if m is clf and n]
+    return prefixes
+
+
+def _quarters(items: list) -> list:
+    n = len(items)
+    idx = sorted({max(0, round(n * q / 4) - 1) for q in (1, 2, 3, 4)})
+    return [items[i] for i in idx]
+
+
+def feature_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs whose outputs feed per-block linear evaluation (RotNet).
+
+    Outputs are N x C x H x W for CNNs and N x tokens x D for transformer blocks.
+    """
+    model = unwrap(model)
+    if isinstance(model, SmallNet):
+        return [("stem", model.stem)] + [(f"block{i + 1}", b) for i, b in enumerate(model.blocks)]
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info and all("module" in d for d in info):
+        blocks = [(d["module"], model.get_submodule(d["module"])) for d in info]
+    else:
+        stages = [
+            (n, m)
+            for n, m in model.named_children()
+            if isinstance(m, (nn.Sequential, nn.ModuleList))
+        ]
+        if len(stages) == 1:  # one container holding the stages: use its children
+            n, m = stages[0]
+            stages = [(f"{n}.{i}", c) for i, c in enumerate(m)]
+        blocks = stages
+    # Transformers list every block; their quarters are enough for a linear-probe curve.
+    return _quarters(blocks) if len(blocks) > 6 else blocks
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Remove DDP `module.` and torch.compile `_orig_mod.` prefixes (when every key has one)."""
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in state_dict):
+                state_dict = {k[len(p) :]: v for k, v in state_dict.items()}
+                changed = True
+    return state_dict
+
+
+# What torch.load(weights_only=True) accepts. Exact types: subclasses such as numpy.float64
+# (a float) or torch's TorchVersion (a str) pickle as their own class and would be refused.
+_SCALARS = (str, int, float, bool, type(None))
+_TORCH = (torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(obj, where: str) -> None:
+    """Fail at save time, not at resume time, on values weights_only loading would refuse."""
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if type(k) not in _SCALARS:
+                raise TypeError(f"checkpoint {where}: key {k!r} is a {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif type(obj) not in _SCALARS and not isinstance(obj, _TORCH):
+        raise TypeError(
+            f"checkpoint {where}: {type(obj).__name__} would not load with weights_only=True; "
+            "convert it to tensors, lists or plain numbers"
+        )
+
+
+def _arrays_to_lists(obj):
+    # Before jsonable: a 1-element tensor must stay a list (mean [0.5]), not become 0.5.
+    if isinstance(obj, dict):
+        return {k: _arrays_to_lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_arrays_to_lists(v) for v in obj]
+    return obj.tolist() if hasattr(obj, "tolist") else obj
+
+
+def save_checkpoint(
+    path, model_or_state_dict: nn.Module | dict, meta: dict, extra: dict | None = None
+) -> None:
+    """Write a SPEC section 3 checkpoint atomically (meta keys: arch, num_classes, ...)."""
+    if "arch" not in meta:
+        raise ValueError("save_checkpoint: meta needs 'arch'")
+    sd = model_or_state_dict
+    if isinstance(sd, nn.Module):
+        sd = unwrap(sd).state_dict()
+    sd = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in strip_prefixes(sd).items()}
+    ckpt = {"format": CHECKPOINT_FORMAT, **jsonable(_arrays_to_lists(meta))}
+    ckpt["format"] = CHECKPOINT_FORMAT
+    ckpt["state_dict"] = sd
+    ckpt["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    ckpt["torch"] = str(torch.__version__)  # TorchVersion is not a plain str
+    for k, v in (extra or {}).items():
+        if k in ("format", "state_dict", "arch"):
+            raise ValueError(f"save_checkpoint: extra may not override '{k}'")
+        ckpt[k] = v
+    _check_plain(ckpt, Path(path).name)
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(ckpt, tmp)
+        except OSError as e:
+            raise UserError(
+                f"{path}: cannot write checkpoint ({e.strerror or e}); free disk space or "
+                "choose another --out"
+            ) from None
+
+
+def _torch_load(path) -> object:
+    """The only torch.load in the toolkit: weights_only, CPU, errors as UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such checkpoint; check the path (e.g. runs/NAME/best.pt)")
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory; pass a checkpoint file such as {p / 'best.pt'}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise UserError(
+                f"{path}: not a safe checkpoint (it needs code beyond tensors and plain types "
+                "to load), refused without running it; re-save it with "
+                "torch.save(model.state_dict(), ...) from a trusted source"
+            ) from None
+        raise UserError(f"{path}: corrupt or not a PyTorch file ({e}); re-save it") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated zip, garbage bytes (KeyError), EOFError, ...
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(
+            f"{path}: corrupt, truncated or not a PyTorch file ({why}); re-save or re-copy it"
+        ) from None
+
+
+def load_checkpoint(path) -> dict:
+    """Load and validate a checkpoint written by save_checkpoint (weights_only, on CPU)."""
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict):
+        missing = "not a dict"
+    else:
+        missing = next((k for k in ("arch", "state_dict", "format") if k not in ckpt), None)
+    if missing:
+        what = missing if missing == "not a dict" else f"missing '{missing}'"
+        raise UserError(
+            f"{path}: not a checkpoint of this toolkit ({what}); use --weights for plain state dicts"
+        )
+    if not isinstance(ckpt["format"], int) or ckpt["format"] > CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{path}: checkpoint format {ckpt['format']!r} is newer than this toolkit "
+            f"({CHECKPOINT_FORMAT}); update the toolkit"
+        )
+    if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["arch"], str):
+        raise UserError(f"{path}: damaged checkpoint ('state_dict' or 'arch' has the wrong type)")
+    return ckpt
+
+
+def load_state_dict_file(path) -> dict[str, torch.Tensor]:
+    """State dict from our checkpoint, a plain/wrapped .pt/.pth state dict, or .safetensors."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        if not p.is_file():
+            raise UserError(f"{path}: no such weights file; check --weights")
+        from safetensors.torch import load_file  # a timm dependency; only needed here
+
+        try:
+            return strip_prefixes(load_file(str(p), device="cpu"))
+        except Exception as e:
+            raise UserError(f"{path}: cannot read safetensors file ({e}); re-save it") from None
+    obj = _torch_load(p)
+    if isinstance(obj, dict) and "format" in obj and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict):
+        for k in STATE_DICT_KEYS:
+            if isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+        keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path}: no state dict of tensors found (has: {keys}); check --weights")
+    return strip_prefixes({k: v for k, v in obj.items() if torch.is_tensor(v)})
+
+
+def _preview(keys: list, n: int = 3) -> str:
+    return ", ".join(map(str, keys[:n])) + (", ..." if len(keys) > n else "")
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: dict,
+    allow_partial: bool = False,
+    skip_head: bool = False,
+    source: str = "weights",
+) -> dict:
+    """Load `state_dict` into `model`, reporting missing/unexpected/shape-mismatched keys.
+
+    Mismatches raise UserError (naming `source`) unless allow_partial: then what fits is loaded.
+    skip_head leaves the classifier as initialised (e.g. a different number of classes).
+    """
+    target = unwrap(model)
+    sd = {k: v for k, v in strip_prefixes(dict(state_dict)).items() if torch.is_tensor(v)}
+    own = {k: v for k, v in target.state_dict().items() if torch.is_tensor(v)}
+    if skip_head:
+        heads = tuple(head_names(target))
+        if heads:
+            sd = {k: v for k, v in sd.items() if not k.startswith(heads)}
+            own = {k: v for k, v in own.items() if not k.startswith(heads)}
+    # BN step counters are absent from some older state dicts and never matter for inference.
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shape = [
+        (k, tuple(sd[k].shape), tuple(own[k].shape))
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    report = {"missing": missing, "unexpected": unexpected, "shape": shape}
+    if (missing or unexpected or shape) and not allow_partial:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_preview(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_preview(unexpected)})")
+        if shape:
+            s = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in shape[:3])
+            parts.append(f"{len(shape)} shape mismatches ({s}{'; ...' if len(shape) > 3 else ''})")
+        heads = tuple(head_names(target))
+        only_head = heads and all(
+            k.startswith(heads) for k in missing + unexpected + [s[0] for s in shape]
+        )
+        fix = (
+            "only the classifier differs (other number of classes): skip the head"
+            if only_head
+            else "check --model/--in-chans match the file, or load partially"
+        )
+        raise UserError(f"{source}: does not fit the model: {', '.join(parts)}; {fix}")
+    fits = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    target.load_state_dict(fits, strict=False)
+    report["loaded"] = len(fits)
+    return report
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (train mode, CPU)."""
+    for k in ("num_classes", "in_chans"):
+        if k not in ckpt:
+            raise UserError(
+                f"checkpoint of {ckpt.get('arch')}: missing '{k}'; it cannot be rebuilt"
+            )
+    model = create_model(
+        ckpt["arch"],
+        num_classes=int(ckpt["num_classes"]),
+        in_chans=int(ckpt["in_chans"]),
+        img_size=ckpt.get("img_size"),
+        model_kwargs=ckpt.get("model_kwargs"),
+        check_size=False,  # it trained at this size
+    )
+    load_weights(model, ckpt["state_dict"], source=f"checkpoint of {ckpt['arch']}")
+    return model
+
+
+def load_model(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint file alone; returns (model in eval mode, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = model_from_checkpoint(ckpt)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(dev).eval(), ckpt
