@@ -1,0 +1,1014 @@
+"""Ensemble submissions: hard vote, weighted soft vote, Caruana ensemble selection; score them.
+
+    python vote.py a.csv b.csv c.csv --mode hard --out vote.csv
+    python vote.py a.npy b.npy c.npy --weights 1.5,1,1 --out vote.csv --return-probs
+    python vote.py a.npy b.npy --select caruana --val-probs va.npy vb.npy --val-labels val.csv
+
+This file owns the submission and probability formats (infer.py imports them):
+
+- submission CSV, three kinds: `single` = `id,label` (label = class name); `mask` =
+  `ImageID,ans` (ans = integer class); `multi` = `index` + one 0/1 column per class (single-letter
+  class names lower-cased, as in the dirty-MNIST answer `index,a,...,z`).
+- probabilities beside a submission `<stem>.csv`: `<stem>.npy` (float32 N x K) with
+  `<stem>.ids.txt` (one id a line, row order) and `<stem>.classes.txt` (one class a line), or
+  `<stem>.probs.csv` (`id` + one column per class); plus `<stem>.meta.json`
+  {"multi_label", "classes", "kind"}. Without the meta file, rows summing to 1 mean single-label.
+- labels for scoring (`--labels`, `--val-labels`): any submission kind, or a CSV with a `label`
+  column (class names) beside an id column (`id`, `index`, `ImageID`, `path` or `file`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import (
+    Timer,
+    UserError,
+    add_common_flags,
+    atomic_path,
+    atomic_write_text,
+    cli_errors,
+    format_table,
+    parse_args,
+    write_json,
+)
+
+KINDS = ("single", "mask", "multi")
+METRICS = ("accuracy", "macro-f1")
+_ID_COLUMNS = ("id", "index", "imageid", "path", "file", "filename", "image")
+
+# ---------------------------------------------------------------------------
+# File formats
+
+
+def probs_paths(csv_path: str | Path) -> dict[str, Path]:
+    """Paths of the probability files that belong to submission `csv_path` (same stem)."""
+    s = str(_stem(csv_path))
+    return {
+        "npy": Path(s + ".npy"),
+        "ids": Path(s + ".ids.txt"),
+        "classes": Path(s + ".classes.txt"),
+        "csv": Path(s + ".probs.csv"),
+        "meta": Path(s + ".meta.json"),
+        "submission": Path(s + ".csv"),
+    }
+
+
+def _stem(path: str | Path) -> Path:
+    p = Path(path)
+    for suffix in (".probs.csv", ".ids.txt", ".classes.txt", ".meta.json", ".csv", ".npy"):
+        if p.name.endswith(suffix) and len(p.name) > len(suffix):
+            return p.with_name(p.name[: -len(suffix)])
+    return p
+
+
+def _column_name(c: str) -> str:
+    """Multi-label column name: single letters lower-cased (dirty-MNIST `index,a,...,z`)."""
+    c = str(c)
+    return c.lower() if len(c) == 1 and c.isalpha() else c
+
+
+def _str_list(values, path, what: str) -> list[str]:
+    out = [str(v) for v in values]
+    bad = next((v for v in out if "\n" in v or "\r" in v), None)
+    if bad is not None:
+        raise UserError(f"{path}: {what} {bad!r} contains a line break; use ids without newlines")
+    return out
+
+
+def _mask_answers(labels, classes, path) -> list[int]:
+    """`ans` integers: ints as they are, numeric names parsed, other names by their class index."""
+    index = {} if classes is None else {str(c): k for k, c in enumerate(classes)}
+    out = []
+    for x in labels:
+        if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+            out.append(int(x))
+        elif str(x).lstrip("-").isdigit():
+            out.append(int(str(x)))
+        elif str(x) in index:
+            out.append(index[str(x)])
+        else:
+            raise UserError(f"{path}: mask answer {x!r} is not an integer; pass class indices")
+    return out
+
+
+def write_submission(
+    path: str | Path,
+    ids: Sequence,
+    labels,
+    kind: str = "single",
+    classes: Sequence[str] | None = None,
+) -> Path:
+    """Write a submission CSV atomically: kind single (`id,label`), mask (`ImageID,ans`), multi.
+
+    single: labels are class names, or class indices mapped through `classes`. multi: labels is
+    an N x K 0/1 array, columns named by `classes` (default 0..K-1).
+    """
+    ids = _str_list(ids, path, "id")
+    if kind == "single":
+        arr = np.asarray(labels)
+        if arr.dtype.kind in "iu" and classes is not None:
+            names = [str(classes[int(k)]) for k in arr]
+        else:
+            names = [str(x) for x in labels]
+        df = pd.DataFrame({"id": ids, "label": names})
+    elif kind == "mask":
+        df = pd.DataFrame({"ImageID": ids, "ans": _mask_answers(labels, classes, path)})
+    elif kind == "multi":
+        arr = np.asarray(labels)
+        if arr.ndim != 2:
+            raise ValueError(f"multi-label submission needs an N x K array, got {arr.shape}")
+        if not np.isin(arr, (0, 1)).all():
+            raise ValueError("multi-label submission needs 0/1 values; threshold probabilities")
+        cols = [str(k) for k in range(arr.shape[1])] if classes is None else list(classes)
+        if len(cols) != arr.shape[1]:
+            raise ValueError(f"{len(cols)} classes for {arr.shape[1]} label columns")
+        names = [_column_name(c) for c in cols]
+        if len(set(names)) != len(names) or "index" in names:
+            raise ValueError(f"class names {cols} give duplicate CSV columns")
+        df = pd.DataFrame(arr.astype(np.int64), columns=names)
+        df.insert(0, "index", ids)
+    else:
+        raise ValueError(f"unknown submission kind '{kind}'; choose one of {KINDS}")
+    if len(df) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(df)} labels")
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_probs(
+    csv_path: str | Path,
+    ids: Sequence,
+    probs,
+    classes: Sequence[str],
+    multi_label: bool = False,
+    fmt: str = "npy",
+    kind: str | None = None,
+) -> list[Path]:
+    """Write probabilities beside submission `csv_path`; returns the paths written.
+
+    fmt "npy": `<stem>.npy` (float32 N x K) + `<stem>.ids.txt` + `<stem>.classes.txt`;
+    fmt "csv": `<stem>.probs.csv` (`id` + one column per class). Both add `<stem>.meta.json`
+    {"multi_label", "classes", "kind"} (kind: the submission kind, optional).
+    """
+    paths = probs_paths(csv_path)
+    ids = _str_list(ids, paths["ids"], "id")
+    classes = _str_list(classes, paths["classes"], "class")
+    p = np.asarray(probs, dtype=np.float32)
+    if p.ndim != 2 or p.shape != (len(ids), len(classes)):
+        raise ValueError(
+            f"probs of shape {p.shape} do not fit {len(ids)} ids x {len(classes)} classes"
+        )
+    written = []
+    if fmt == "npy":
+        with atomic_path(paths["npy"]) as tmp, open(tmp, "wb") as f:
+            np.save(f, p)  # a file object: np.save(path) would append .npy to the temp name
+        atomic_write_text(paths["ids"], "".join(i + "\n" for i in ids))
+        atomic_write_text(paths["classes"], "".join(c + "\n" for c in classes))
+        written += [paths["npy"], paths["ids"], paths["classes"]]
+    elif fmt == "csv":
+        df = pd.DataFrame(p, columns=classes)
+        df.insert(0, "id", ids)
+        with atomic_path(paths["csv"]) as tmp:
+            df.to_csv(tmp, index=False)
+        written.append(paths["csv"])
+    else:
+        raise ValueError(f"unknown probability format '{fmt}'; choose npy or csv")
+    meta = {"format": 1, "multi_label": bool(multi_label), "classes": classes, "kind": kind}
+    write_json(paths["meta"], meta)
+    return written + [paths["meta"]]
+
+
+def _read_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [line.rstrip("\r") for line in text.split("\n")][: -1 if text.endswith("\n") else None]
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it or rewrite it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object; delete it or rewrite it")
+    return meta
+
+
+def _probs_source(path: str | Path) -> Path:
+    p = Path(path)
+    if p.name.endswith(".probs.csv") or p.suffix == ".npy":
+        if not p.is_file():
+            raise UserError(f"{p}: file not found; check the path")
+        return p
+    paths = probs_paths(p)
+    for key in ("npy", "csv"):
+        if paths[key].is_file():
+            return paths[key]
+    raise UserError(
+        f"{p}: no probabilities beside it (looked for {paths['npy'].name} and "
+        f"{paths['csv'].name}); rerun infer.py with --return-probs or pass the .npy file"
+    )
+
+
+def _read_probs_full(path: str | Path) -> tuple[list[str], np.ndarray, list[str], dict]:
+    src = _probs_source(path)
+    paths = probs_paths(src)
+    meta = _read_meta(paths["meta"])
+    if src.suffix == ".npy":
+        try:
+            p = np.load(src, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise UserError(f"{src}: not a readable .npy array ({e}); rewrite it") from None
+        if p.ndim != 2:
+            raise UserError(f"{src}: expected an N x K array of probabilities, got shape {p.shape}")
+        if not paths["ids"].is_file():
+            raise UserError(
+                f"{paths['ids']}: missing; it gives the row order of {src.name} (one id a "
+                "line, as infer.py --return-probs writes it)"
+            )
+        ids = _read_lines(paths["ids"])
+        if len(ids) != p.shape[0]:
+            raise UserError(
+                f"{paths['ids']}: {len(ids)} ids but {src.name} has {p.shape[0]} rows; "
+                "regenerate both with infer.py --return-probs"
+            )
+        if paths["classes"].is_file():
+            classes, cls_src = _read_lines(paths["classes"]), paths["classes"]
+        else:
+            classes, cls_src = meta.get("classes") or [str(k) for k in range(p.shape[1])], src
+        if len(classes) != p.shape[1]:
+            raise UserError(
+                f"{cls_src}: {len(classes)} classes but {src.name} has {p.shape[1]} columns; "
+                "regenerate both with infer.py --return-probs"
+            )
+    else:
+        df = _read_csv(src, numeric=True)
+        if df.shape[1] < 2:
+            raise UserError(f"{src}: needs an id column and one column per class")
+        ids = df.iloc[:, 0].tolist()
+        classes = [str(c) for c in df.columns[1:]]
+        bad = [c for c in df.columns[1:] if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            raise UserError(f"{src}: column '{bad[0]}' is not numeric; write probabilities only")
+        p = df.iloc[:, 1:].to_numpy(dtype=np.float64)
+    p = np.asarray(p, dtype=np.float32)
+    if not np.isfinite(p).all() or (p.size and (p.min() < -1e-4 or p.max() > 1 + 1e-4)):
+        raise UserError(
+            f"{src}: values outside 0..1 (logits or NaN?); write softmax/sigmoid probabilities"
+        )
+    _check_unique(ids, paths["ids"] if src.suffix == ".npy" else src)
+    if "multi_label" not in meta:  # no meta file: softmax rows sum to 1, sigmoid rows need not
+        meta["multi_label"] = bool(p.size) and not np.allclose(p.sum(1), 1.0, atol=1e-3)
+    return ids, p, [str(c) for c in classes], meta
+
+
+def read_probs(path: str | Path) -> tuple[list[str], np.ndarray, list[str], bool]:
+    """Read probabilities -> (ids, float32 N x K, classes, multi_label).
+
+    `path`: a `.npy` (with `.ids.txt` / `.classes.txt` beside it), a `.probs.csv`, or the
+    submission CSV whose probabilities lie beside it. Without a classes file: the meta file's,
+    else "0".."K-1".
+    """
+    ids, p, classes, meta = _read_probs_full(path)
+    return ids, p, classes, bool(meta["multi_label"])
+
+
+def _read_csv(path: Path, numeric: bool = False) -> pd.DataFrame:
+    """CSV with ids kept as text ('007' stays '007'); numeric=True parses the other columns."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found; check the path")
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        dtype = {header[0]: str} if numeric and len(header) else str
+        df = pd.read_csv(path, dtype=dtype, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: cannot parse as CSV ({str(e).splitlines()[0]})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if len(df) == 0:
+        raise UserError(f"{path}: has a header but no rows; pass a non-empty file")
+    return df
+
+
+def _csv_kind(columns: Sequence[str]) -> str:
+    low = [c.lower() for c in columns]
+    if low == ["imageid", "ans"]:
+        return "mask"
+    if "label" in low or len(low) == 2:
+        return "single"
+    return "multi"
+
+
+def _check_unique(ids: list[str], path) -> None:
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise UserError(f"{path}: id '{dup}' appears more than once; ids must be unique")
+
+
+def read_labels_csv(path: str | Path) -> tuple[list[str], np.ndarray, str, list[str]]:
+    """Read a submission / labels CSV -> (ids, labels, kind, classes).
+
+    single: labels are class-name strings, classes the sorted distinct names; mask: int answers,
+    classes their sorted distinct values as strings; multi: N x K int 0/1, classes the columns.
+    """
+    path = Path(path)
+    df = _read_csv(path)
+    cols = list(df.columns)
+    if len(cols) < 2:
+        raise UserError(
+            f"{path}: needs `id,label`, `ImageID,ans` or `index` + one 0/1 column per class"
+        )
+    kind = _csv_kind(cols)
+    if kind == "mask":
+        ids = df.iloc[:, 0].tolist()
+        try:
+            labels = np.array([int(x) for x in df.iloc[:, 1]], dtype=np.int64)
+        except ValueError:
+            raise UserError(f"{path}: column 'ans' must hold integers") from None
+        classes = [str(c) for c in sorted(set(labels.tolist()))]
+    elif kind == "single":
+        low = [c.lower() for c in cols]
+        lab = low.index("label") if "label" in low else 1
+        id_col = next((k for k, c in enumerate(low) if c in _ID_COLUMNS and k != lab), None)
+        if id_col is None:
+            id_col = 0 if lab != 0 else 1
+        ids = df.iloc[:, id_col].tolist()
+        labels = np.array([str(x).strip() for x in df.iloc[:, lab]], dtype=object)
+        if any(x == "" for x in labels):
+            row = next(k for k, x in enumerate(labels) if x == "")
+            raise UserError(f"{path}: empty label for id '{ids[row]}'; fill in every label")
+        classes = sorted(set(labels.tolist()), key=_natural_key)
+    else:
+        ids = df.iloc[:, 0].tolist()
+        try:
+            vals = df.iloc[:, 1:].to_numpy(dtype=object).astype(np.float64)
+        except ValueError:
+            vals = np.array([np.nan])
+        if not np.isin(vals, (0.0, 1.0)).all():
+            raise UserError(
+                f"{path}: multi-label columns must be 0/1 (expected `index` + one 0/1 column "
+                "per class, or `id,label`)"
+            )
+        labels = vals.astype(np.int64)
+        classes = cols[1:]
+    ids = [str(i) for i in ids]
+    _check_unique(ids, path)
+    return ids, labels, kind, classes
+
+
+def _natural_key(c: str):
+    s = str(c)
+    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+# ---------------------------------------------------------------------------
+# Pure numerics: voting and ensemble selection
+
+
+def _weights(weights, m: int) -> np.ndarray:
+    w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(w) != m or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"need {m} finite non-negative weights with a positive sum, got {weights}")
+    return w
+
+
+def _first_voter(tied_votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row, the label of the earliest model whose vote is among the tied ones."""
+    first = tied_votes.argmax(1)
+    return labels[np.arange(len(labels)), first]
+
+
+def hard_vote(label_matrix, weights=None, tiebreak_probs=None) -> np.ndarray:
+    """Weighted majority per row of an N x M matrix of class indices (column m = model m).
+
+    Ties go to the tied label with the larger tiebreak_probs[row] (e.g. summed probabilities)
+    when given, otherwise (or if those tie too) to the tied label voted by the earliest model.
+    """
+    lab = np.asarray(label_matrix)
+    if lab.ndim == 1:
+        lab = lab[:, None]
+    if lab.ndim != 2 or lab.dtype.kind not in "iu" or (lab.size and lab.min() < 0):
+        raise ValueError("label_matrix must be an N x M array of class indices >= 0")
+    n, m = lab.shape
+    w = _weights(weights, m)
+    k = int(lab.max()) + 1 if lab.size else 1
+    if tiebreak_probs is not None:
+        k = max(k, np.asarray(tiebreak_probs).shape[1])
+    scores = np.zeros((n, k))
+    np.add.at(scores, (np.repeat(np.arange(n), m), lab.reshape(-1)), np.tile(w, n))
+    best = scores.max(1, keepdims=True)
+    tied = scores >= best - 1e-9 * np.maximum(1.0, best)  # equal up to float rounding
+    if tiebreak_probs is not None:
+        t = np.zeros((n, k))
+        tp = np.asarray(tiebreak_probs, dtype=np.float64)
+        t[:, : tp.shape[1]] = tp
+        t = np.where(tied, t, -np.inf)
+        tied &= t >= t.max(1, keepdims=True)
+    rows = np.arange(n)[:, None]
+    return _first_voter(tied[rows, lab] & (w > 0)[None, :], lab)
+
+
+def hard_vote_multi(label_stack, weights=None, tiebreak_probs=None, threshold: float = 0.5):
+    """Per-class weighted majority over M x N x K 0/1 predictions -> N x K int 0/1.
+
+    A tie goes to tiebreak_probs >= threshold when given, else to the earliest model's vote.
+    """
+    lab = np.asarray(label_stack).astype(np.int64)
+    if lab.ndim != 3:
+        raise ValueError("label_stack must be M x N x K (one N x K 0/1 array per model)")
+    w = _weights(weights, lab.shape[0])
+    pos = np.tensordot(w, lab, axes=1)
+    neg = w.sum() - pos
+    out = (pos > neg).astype(np.int64)
+    tie = np.abs(pos - neg) <= 1e-9 * max(1.0, w.sum())
+    if tiebreak_probs is not None:
+        fallback = (np.asarray(tiebreak_probs) >= threshold).astype(np.int64)
+    else:
+        fallback = lab[int(np.flatnonzero(w > 0)[0])]
+    return np.where(tie, fallback, out)
+
+
+def soft_vote(prob_list: Sequence, weights=None) -> np.ndarray:
+    """Weighted mean of M probability arrays of one shape (N x K) -> float64 N x K."""
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in prob_list])
+    w = _weights(weights, len(stack))
+    return np.tensordot(w / w.sum(), stack, axes=1)
+
+
+def _predict(probs: np.ndarray, multi_label: bool, threshold: float = 0.5) -> np.ndarray:
+    if multi_label:
+        return (probs >= threshold).astype(np.int64)
+    return probs.argmax(1)
+
+
+def score_probs(probs, y_true, metric: str = "accuracy", multi_label=False, threshold=0.5) -> float:
+    """Validation score of probabilities: accuracy (exact match if multi-label) or macro-F1."""
+    pred = _predict(np.asarray(probs), multi_label, threshold)
+    metric = metric.replace("_", "-").lower()
+    if metric == "accuracy":
+        return accuracy(y_true, pred)
+    if metric in ("macro-f1", "f1"):
+        return macro_f1(y_true, pred, n_classes=np.asarray(probs).shape[1])
+    raise ValueError(f"unknown metric '{metric}'; choose one of {METRICS}")
+
+
+def caruana_select(
+    val_probs_list: Sequence,
+    val_labels,
+    n_iter: int = 50,
+    metric: str = "accuracy",
+    init_sorted: int = 5,
+    replacement: bool = True,
+    multi_label: bool = False,
+    threshold: float = 0.5,
+) -> tuple[np.ndarray, list[float]]:
+    """Greedy forward ensemble selection (Caruana et al. 2004) -> (count per model, scores).
+
+    Starts from the best N of the `init_sorted` top models (N picked on validation), then adds
+    the model that most improves the averaged ensemble, `n_iter` times (with replacement unless
+    told otherwise). Returns the counts at the best score seen (earliest on ties), so the result
+    is never below the best single model; history[0] is the start, history[i] after addition i.
+    """
+    probs = np.stack([np.asarray(p, dtype=np.float64) for p in val_probs_list])
+    m = len(probs)
+
+    def val(p):
+        return score_probs(p, val_labels, metric, multi_label, threshold)
+
+    singles = np.array([val(p) for p in probs])
+    order = np.argsort(-singles, kind="stable")  # best first; ties keep file order
+    start_n, start_score, total = 1, -np.inf, np.zeros_like(probs[0])
+    for n in range(1, min(max(1, init_sorted), m) + 1):
+        total += probs[order[n - 1]]
+        s = val(total / n)
+        if s > start_score:
+            start_n, start_score = n, s
+    counts = np.zeros(m, dtype=np.int64)
+    counts[order[:start_n]] = 1
+    total = probs[order[:start_n]].sum(0)
+    history, best_score, best_counts = [start_score], start_score, counts.copy()
+    for _ in range(n_iter):
+        cands = [j for j in order if replacement or counts[j] == 0]
+        if not cands:
+            break
+        size = counts.sum() + 1
+        scores = [val((total + probs[j]) / size) for j in cands]
+        pick = cands[int(np.argmax(scores))]  # ties: the better single model
+        counts[pick] += 1
+        total += probs[pick]
+        history.append(max(scores))
+        if history[-1] > best_score:
+            best_score, best_counts = history[-1], counts.copy()
+    return best_counts, history
+
+
+def align(ids_ref: Sequence, ids: Sequence, arr, path, ref_path=None) -> np.ndarray:
+    """Rows of `arr` (in `ids` order) reordered to `ids_ref`; the two id sets must be equal."""
+    ref, ids, arr = [str(i) for i in ids_ref], [str(i) for i in ids], np.asarray(arr)
+    ref_name = ref_path or "the first file"
+    if len(arr) != len(ids):
+        raise UserError(f"{path}: {len(arr)} rows but {len(ids)} ids; regenerate the file")
+    if ids == ref:
+        return arr
+    if len(ids) != len(ref):
+        raise UserError(
+            f"{path}: {len(ids)} rows but {ref_name} has {len(ref)}; every file must cover the "
+            "same ids (predict on the same test set)"
+        )
+    pos = {i: k for k, i in enumerate(ids)}
+    _check_unique(ids, path)
+    ref_set = set(ref)
+    extra = next((i for i in ids if i not in ref_set), None)
+    if extra is not None:
+        missing = next(i for i in ref if i not in pos)
+        raise UserError(
+            f"{path}: id '{extra}' is not in {ref_name} (which has '{missing}' instead); every "
+            "file must cover the same ids (predict on the same test set)"
+        )
+    return arr[np.array([pos[i] for i in ref], dtype=np.int64)]
+
+
+def _align_classes(ref: list[str], classes: list[str], arr, path, ref_path=None, key=str):
+    """Columns of `arr` reordered to the class order `ref` (same set of classes required)."""
+    if [key(c) for c in classes] == [key(c) for c in ref]:
+        return arr
+    ref_name = ref_path or "the first file"
+    pos = {key(c): k for k, c in enumerate(classes)}
+    if len(classes) != len(ref) or len(pos) != len(classes):
+        raise UserError(
+            f"{path}: {len(classes)} classes but {ref_name} has {len(ref)}; vote only files "
+            "from models of the same task"
+        )
+    missing = next((c for c in ref if key(c) not in pos), None)
+    if missing is not None:
+        raise UserError(
+            f"{path}: has no class '{missing}' that {ref_name} has; vote only files from "
+            "models of the same task"
+        )
+    return np.asarray(arr)[:, [pos[key(c)] for c in ref]]
+
+
+# ---------------------------------------------------------------------------
+# Metrics (numpy; y are class indices [N], or N x K 0/1 arrays for multi-label)
+
+
+def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true {t.shape} and y_pred {p.shape} differ in shape")
+    return t, p
+
+
+def exact_match_accuracy(y_true, y_pred) -> float:
+    """Multi-label: fraction of rows whose whole 0/1 vector is right."""
+    t, p = _pair(y_true, y_pred)
+    return float((t == p).all(axis=1).mean()) if len(t) else float("nan")
+
+
+def accuracy(y_true, y_pred) -> float:
+    """Fraction right; exact-match accuracy for N x K multi-label arrays."""
+    t, p = _pair(y_true, y_pred)
+    if t.ndim == 2:
+        return exact_match_accuracy(t, p)
+    return float((t == p).mean()) if len(t) else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
+    """K x K counts, rows = true class, columns = predicted class."""
+    t, p = _pair(y_true, y_pred)
+    t, p = t.astype(np.int64), p.astype(np.int64)
+    k = n_classes or int(max(t.max(initial=-1), p.max(initial=-1)) + 1)
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def macro_f1(y_true, y_pred, n_classes: int | None = None) -> float:
+    """Unweighted mean F1 over classes seen in y_true or y_pred (all columns if multi-label)."""
+    t, p = _pair(y_true, y_pred)
+    if t.ndim == 2:
+        t, p = t.astype(bool), p.astype(bool)
+        tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
+        present = np.ones(t.shape[1], dtype=bool)  # as sklearn: an empty column scores 0
+    else:
+        cm = confusion_matrix(t, p, n_classes)
+        tp = np.diag(cm)
+        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+        present = (cm.sum(0) + cm.sum(1)) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def per_class_accuracy(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
+    """Per true class: fraction predicted right (NaN where absent); per column if multi-label."""
+    t, p = _pair(y_true, y_pred)
+    if t.ndim == 2:
+        return (t == p).mean(0)
+    cm = confusion_matrix(t, p, n_classes)
+    support = cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / support, np.nan)
+
+
+def plot_confusion(cm, classes: Sequence[str], path: str | Path) -> Path:
+    """Save a row-normalised confusion-matrix heat map (counts written in small matrices)."""
+    import matplotlib  # lazy: only --confusion needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    k = len(cm)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), [str(c) for c in classes], rotation=90)
+    ax.set_yticks(range(k), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
+    fig.tight_layout()
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def _is_probs_file(path: str) -> bool:
+    return str(path).endswith((".npy", ".probs.csv"))
+
+
+def _parse_weights(text: str | None, n: int) -> np.ndarray | None:
+    if text is None:
+        return None
+    try:
+        w = [float(x) for x in str(text).replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"--weights: cannot parse '{text}'; give numbers like 1.5,1,1") from None
+    if len(w) != n:
+        raise UserError(f"--weights: {len(w)} values for {n} files; give one weight per FILE")
+    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise UserError(f"--weights: '{text}' needs non-negative weights with a positive sum")
+    return np.array(w)
+
+
+def _load_probs_set(files: Sequence[str]):
+    """Read probability files, rows and columns aligned to the first one."""
+    ids, p0, classes, meta = _read_probs_full(files[0])
+    probs = [p0]
+    for f in files[1:]:
+        ids_f, p, cls_f, meta_f = _read_probs_full(f)
+        if meta_f["multi_label"] != meta["multi_label"]:
+            raise UserError(
+                f"{f}: multi_label={meta_f['multi_label']} but {files[0]} has "
+                f"{meta['multi_label']}; vote only files from models of the same task"
+            )
+        p = _align_classes(classes, cls_f, p, f, files[0])
+        probs.append(align(ids, ids_f, p, f, files[0]))
+    return ids, probs, classes, meta
+
+
+def _kind_beside(path: str) -> str | None:
+    """Submission kind recorded for a probability file: its meta, else the CSV beside it."""
+    paths = probs_paths(path)
+    kind = _read_meta(paths["meta"]).get("kind")
+    if kind in KINDS:
+        return kind
+    sub = paths["submission"]
+    if sub.is_file():
+        try:
+            return _csv_kind([str(c).strip() for c in pd.read_csv(sub, nrows=0).columns])
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+            return None
+    return None
+
+
+def _resolve_kind(flag: str, found: str | None, multi: bool) -> str:
+    if flag != "auto":
+        if (flag == "multi") != multi:
+            task = "multi-label" if multi else "single-label"
+            raise UserError(f"--kind {flag}: the inputs are {task}; use --kind auto")
+        return flag
+    if multi:
+        return "multi"
+    return found if found in ("single", "mask") else "single"
+
+
+def _labels_for(path, ids, classes, multi: bool, extend: bool):
+    """Labels of `path` for `ids` (a subset of its ids) as class indices, or N x K 0/1."""
+    lab_ids, labels, kind, lab_classes = read_labels_csv(path)
+    if (kind == "multi") != multi:
+        task = "multi-label" if multi else "single-label"
+        raise UserError(f"{path}: the predictions are {task} but this labels file is not")
+    pos = {i: k for k, i in enumerate(lab_ids)}
+    missing = next((i for i in ids if i not in pos), None)
+    if missing is not None:
+        raise UserError(f"{path}: has no label for id '{missing}'; give labels for every id")
+    rows = np.array([pos[i] for i in ids], dtype=np.int64)
+    classes = list(classes)
+    if multi:
+        cols = _align_classes(classes, lab_classes, labels, path, "the predictions", _column_name)
+        return cols[rows], classes
+    names = [str(x) for x in labels[rows]]
+    named = not all(c.lstrip("-").isdigit() for c in classes)
+    if named and all(n.isdigit() and int(n) < len(classes) for n in names):
+        names = [classes[int(n)] for n in names]  # integer labels (mask `ans`) are class indices
+    unknown = next((n for n in names if n not in classes), None)
+    if unknown is not None:
+        if not extend:
+            raise UserError(
+                f"{path}: label '{unknown}' is not one of the model classes "
+                f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}); "
+                "pass the labels of this task"
+            )
+        classes += sorted({n for n in names if n not in classes}, key=_natural_key)
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+def _soft(args, files, weights):
+    ids, probs, classes, meta = _load_probs_set(files)
+    multi = bool(meta["multi_label"])
+    selection = None
+    if args.select == "caruana":
+        weights, selection = _caruana(args, classes, multi)
+    p = soft_vote(probs, weights)
+    if multi:
+        labels = _predict(p, True, args.threshold)
+    else:
+        labels = np.asarray(classes, dtype=object)[p.argmax(1)]
+    kind = _resolve_kind(args.kind, _kind_beside(files[0]), multi)
+    return ids, labels, classes, multi, kind, p, weights, selection
+
+
+def _caruana(args, classes, multi):
+    if not args.val_probs or not args.val_labels:
+        raise UserError("--select caruana: needs --val-probs (one per FILE) and --val-labels")
+    if len(args.val_probs) != len(args.files):
+        raise UserError(
+            f"--val-probs: {len(args.val_probs)} files for {len(args.files)} FILEs; give one "
+            "validation probability file per FILE, in the same order"
+        )
+    vids, vprobs, vclasses, vmeta = _load_probs_set(args.val_probs)
+    if bool(vmeta["multi_label"]) != multi:
+        raise UserError(f"{args.val_probs[0]}: multi_label differs from {args.files[0]}")
+    vprobs = [
+        _align_classes(classes, vclasses, p, args.val_probs[0], args.files[0]) for p in vprobs
+    ]
+    y, _ = _labels_for(args.val_labels, vids, classes, multi, extend=False)
+    counts, history = caruana_select(
+        vprobs,
+        y,
+        n_iter=args.iters,
+        metric=args.metric,
+        init_sorted=args.init_sorted,
+        replacement=not args.no_replacement,
+        multi_label=multi,
+        threshold=args.threshold,
+    )
+    singles = [score_probs(p, y, args.metric, multi, args.threshold) for p in vprobs]
+    ens = score_probs(soft_vote(vprobs, counts), y, args.metric, multi, args.threshold)
+    if not args.quiet:
+        rows = [
+            (f, v, s, int(c)) for f, v, s, c in zip(args.files, args.val_probs, singles, counts)
+        ]
+        print(format_table(rows, ["test file", "val file", f"val {args.metric}", "count"]))
+    print(
+        f"caruana: {int(counts.sum())} picks of {np.count_nonzero(counts)} distinct models after "
+        f"{len(history) - 1} steps; val {args.metric} {ens:.4f} (best single {max(singles):.4f})"
+    )
+    return counts.astype(np.float64), {
+        "counts": counts,
+        "val_score": ens,
+        "best_single": max(singles),
+    }
+
+
+def _hard(args, files, weights):
+    """Hard vote of submission CSVs and/or probability files (their argmax / threshold)."""
+    per_file = []
+    for f in files:
+        if _is_probs_file(f):
+            ids, p, classes, meta = _read_probs_full(f)
+            if meta["multi_label"]:
+                per_file.append((ids, _predict(p, True, args.threshold), "multi", classes))
+            else:
+                names = np.asarray(classes, dtype=object)[p.argmax(1)]
+                per_file.append((ids, names, _kind_beside(f) or "single", classes))
+        else:
+            ids, labels, kind, classes = read_labels_csv(f)
+            if kind == "mask":
+                labels = np.array([str(x) for x in labels], dtype=object)
+            per_file.append((ids, labels, kind, classes))
+    multi = per_file[0][2] == "multi"
+    for f, (_, _, kind, _) in zip(files, per_file):
+        if (kind == "multi") != multi:
+            raise UserError(f"{f}: multi-label and single-label files cannot be voted together")
+    ids = per_file[0][0]
+    tie = None
+    if args.tiebreak == "probs":
+        _, tie_probs, tie_classes, _ = _load_probs_set(files)
+        tie = (tie_classes, soft_vote(tie_probs, weights))
+    kind = _resolve_kind(args.kind, per_file[0][2], multi)
+    if multi:
+        classes = list(per_file[0][3])
+        stack = [
+            align(ids, i, _align_classes(classes, c, lab, f, files[0], _column_name), f, files[0])
+            for f, (i, lab, _, c) in zip(files, per_file)
+        ]
+        t = None
+        if tie:
+            t = _align_classes(classes, tie[0], tie[1], files[0], None, _column_name)
+        pred = hard_vote_multi(stack, weights, t, args.threshold)
+        return ids, pred, classes, True, kind
+    # Class order: that of the probabilities (so tie-break columns line up), then the rest.
+    prob_classes = [c for f, (_, _, _, c) in zip(files, per_file) if _is_probs_file(f)]
+    classes = list(tie[0]) if tie else list(prob_classes[0]) if prob_classes else []
+    seen = set(classes)
+    extra = {str(x) for _, lab, _, _ in per_file for x in lab if str(x) not in seen}
+    classes += sorted(extra, key=_natural_key)
+    index = {c: k for k, c in enumerate(classes)}
+    cols = [
+        align(ids, i, np.array([index[str(x)] for x in lab], dtype=np.int64), f, files[0])
+        for f, (i, lab, _, _) in zip(files, per_file)
+    ]
+    pred = hard_vote(np.stack(cols, axis=1), weights, tie[1] if tie else None)
+    return ids, np.asarray(classes, dtype=object)[pred], classes, False, kind
+
+
+def _report_scores(args, ids, labels, classes, multi) -> dict:
+    """Score the vote against --labels; print accuracy, macro-F1 and per-class accuracy."""
+    if multi:
+        y, classes = _labels_for(args.labels, ids, classes, True, extend=True)
+        pred = np.asarray(labels)
+    else:
+        y, classes = _labels_for(args.labels, ids, classes, False, extend=True)
+        index = {c: k for k, c in enumerate(classes)}
+        pred = np.array([index[str(x)] for x in labels], dtype=np.int64)
+    k = len(classes)
+    acc, f1 = accuracy(y, pred), macro_f1(y, pred, k)
+    per = per_class_accuracy(y, pred, k)
+    support = y.sum(0) if multi else np.bincount(y, minlength=k)
+    if not args.quiet:
+        print(
+            format_table(
+                [(c, int(s), float(a)) for c, s, a in zip(classes, support, per)],
+                ["class", "support" if not multi else "positives", "accuracy"],
+            )
+        )
+    name = "exact-match accuracy" if multi else "accuracy"
+    print(f"{name} {acc:.4f}  macro-F1 {f1:.4f}  ({len(y)} rows, labels {args.labels})")
+    if args.confusion:
+        if multi:
+            raise UserError("--confusion: only for single-label votes; drop it")
+        plot_confusion(confusion_matrix(y, pred, k), classes, args.confusion)
+        print(f"confusion matrix -> {args.confusion}")
+    return {"accuracy": acc, "macro_f1": f1}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown for every flag; the module docstring kept as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vote.py",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="submission CSVs (hard vote) or probability files .npy / .probs.csv (soft vote)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["auto", "hard", "soft"],
+        default="auto",
+        help="auto: soft if every FILE is a .npy / .probs.csv, else hard; soft on a submission "
+        "CSV reads the probabilities beside it",
+    )
+    p.add_argument("--weights", help="one weight per FILE, e.g. 1.5,1,1; unset: equal weights")
+    p.add_argument("--out", default="vote.csv", help="submission CSV to write")
+    p.add_argument(
+        "--kind",
+        choices=["auto", *KINDS],
+        default="auto",
+        help="submission format to write; auto: the inputs' format",
+    )
+    p.add_argument(
+        "--return-probs",
+        action="store_true",
+        help="soft vote: also write the averaged probabilities beside --out",
+    )
+    p.add_argument(
+        "--probs-format", choices=["npy", "csv"], default="npy", help="for --return-probs"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="multi-label: predict a class at prob >= this"
+    )
+    p.add_argument(
+        "--tiebreak",
+        choices=["first", "probs"],
+        default="first",
+        help="hard vote ties: the earliest FILE's label, or the largest summed probability "
+        "(reads the probabilities of / beside each FILE)",
+    )
+    g = p.add_argument_group("scoring")
+    g.add_argument(
+        "--labels", help="labels CSV (id,label or index + 0/1 columns) to score the vote"
+    )
+    g.add_argument("--confusion", help="with --labels: save the confusion matrix to this PNG")
+    g = p.add_argument_group("ensemble selection")
+    g.add_argument(
+        "--select",
+        choices=["none", "caruana"],
+        default="none",
+        help="caruana: choose weights by greedy forward selection on validation probabilities",
+    )
+    g.add_argument(
+        "--val-probs", nargs="+", help="validation probabilities, one per FILE, same order"
+    )
+    g.add_argument("--val-labels", help="validation labels CSV (id,label or index + 0/1 columns)")
+    g.add_argument("--iters", type=int, default=50, help="selection steps")
+    g.add_argument("--init-sorted", type=int, default=5, help="start from the best N of this many")
+    g.add_argument("--metric", choices=METRICS, default="accuracy", help="selection metric")
+    g.add_argument("--no-replacement", action="store_true", help="add each model at most once")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the CLI; returns a summary dict (files, mode, rows, out, scores)."""
+    with cli_errors("vote.py"), Timer() as timer:
+        args = parse_args(build_parser(), argv)
+        files = list(args.files)
+        weights = _parse_weights(args.weights, len(files))
+        mode = args.mode
+        if args.select == "caruana":
+            if weights is not None:
+                raise UserError("--weights: not used with --select caruana (it sets the weights)")
+            if mode == "hard":
+                raise UserError("--select caruana: averages probabilities; drop --mode hard")
+            mode = "soft"
+        elif args.val_probs or args.val_labels:
+            raise UserError("--val-probs / --val-labels: only used with --select caruana")
+        if mode == "auto":
+            mode = "soft" if all(_is_probs_file(f) for f in files) else "hard"
+        if args.return_probs and mode == "hard":
+            raise UserError("--return-probs: a hard vote has no probabilities; use --mode soft")
+        if not 0.0 <= args.threshold <= 1.0:
+            raise UserError(f"--threshold: {args.threshold} is not a probability in 0..1")
+        selection = probs = None
+        if mode == "soft":
+            ids, labels, classes, multi, kind, probs, weights, selection = _soft(
+                args, files, weights
+            )
+        else:
+            ids, labels, classes, multi, kind = _hard(args, files, weights)
+        scores = _report_scores(args, ids, labels, classes, multi) if args.labels else {}
+        written = [write_submission(args.out, ids, labels, kind, classes)]
+        if args.return_probs:
+            written += write_probs(
+                args.out, ids, probs, classes, multi, args.probs_format, kind=kind
+            )
+    w_text = "equal" if weights is None else ",".join(f"{w:g}" for w in weights)
+    score_text = "".join(f", {k.replace('_', '-')} {v:.4f}" for k, v in scores.items())
+    print(
+        f"vote.py: {mode} vote of {len(files)} files (weights {w_text}), {len(ids)} rows, "
+        f"{kind} -> {', '.join(map(str, written))}{score_text} in {timer.seconds:.1f} s"
+    )
+    return {
+        "files": files,
+        "mode": mode,
+        "rows": len(ids),
+        "kind": kind,
+        "out": str(args.out),
+        "written": [str(w) for w in written],
+        "weights": None if weights is None else weights.tolist(),
+        "scores": scores,
+        "selection": selection,
+    }
+
+
+if __name__ == "__main__":
+    main()
