@@ -16,7 +16,6 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -123,6 +122,8 @@ def _size2(img_size) -> tuple[int, int]:
 
 
 def _unknown_model(arch: str) -> UserError:
+    import timm
+
     names = sorted(BUILTINS) + timm.list_models()
     lower = {n.lower(): n for n in names}
     close = difflib.get_close_matches(arch.lower(), list(lower), n=6, cutoff=0.6)
@@ -149,6 +150,8 @@ def _create_timm(
     optional = {"img_size": None, "drop_rate": 0.0, "drop_path_rate": 0.0}
     while True:
         try:
+            import timm  # lazy: importing timm costs seconds; built-ins do not need it
+
             return timm.create_model(arch, pretrained=pretrained, **kw)
         except TypeError as e:
             # "... unexpected keyword argument 'x'" or "... argument(s): ['x', ...]"
@@ -241,7 +244,7 @@ def create_model(
                     f"{arch}: hub models are only fetched with --pretrained; "
                     "use the timm model name to build it without the network"
                 )
-        elif not timm.is_model(arch):
+        elif not _timm().is_model(arch):
             raise _unknown_model(arch)
         model = _create_timm(
             arch, num_classes, in_chans, size, pretrained, drop_rate, drop_path_rate, model_kwargs
@@ -290,8 +293,29 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_amp(device: str | torch.device, amp: str | None) -> str:
+    """Resolve --amp auto: bf16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if amp != "auto":
+        return amp or "none"
+    dev_type = torch.device(device).type
+    if dev_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dev_type == "cpu" and _cpu_has_fast_bf16():
+        return "bf16"
+    return "none"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: str | torch.device, amp: str | None):
     """torch.autocast for amp "bf16"/"fp16", or a null context for None/"none"."""
+    amp = resolve_amp(device, amp)
     if amp in (None, "", "none", "no", "off", "fp32"):
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
@@ -579,7 +603,7 @@ def load_weights(
         fix = (
             "only the classifier differs (other number of classes): skip the head"
             if only_head
-            else "check --model/--in-chans match the file, or load partially"
+            else "check --model/--in-chans match the file, or pass --allow-partial to load what fits"
         )
         raise UserError(f"{source}: does not fit the model: {', '.join(parts)}; {fix}")
     fits = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -616,3 +640,9 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dic
         raise UserError(f"{path}: {e}") from None
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return model.to(dev).eval(), ckpt
+
+
+def _timm():
+    import timm  # lazy: importing timm costs seconds; built-in models do not need it
+
+    return timm

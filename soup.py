@@ -1,0 +1,1021 @@
+"""Model soups: average the weights of models fine-tuned from one start (Wortsman et al., 2022).
+
+    python soup.py --ingredients 'runs/ft/*/best.pt' --eval-individual --uniform --greedy --plot \\
+        --out runs/soup
+    python soup.py --ingredients a.pt b.pt c.pt --uniform --bn-recalib 50 --out runs/soup_bn
+
+The held-out set is the validation split recorded in the ingredients (its ids are re-hashed and
+must match), or --holdout PATH. It is decoded once and kept on the device. Ingredients are
+streamed from disk one at a time, so memory stays at about two models (running soup + candidate)
+plus the model being evaluated, whatever their number. Greedy soup is the reference algorithm:
+sort by held-out accuracy, start from the best, add each next one as a running uniform average
+and keep it only if held-out accuracy does not drop (--greedy-strict: only if it rises).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+import models
+import train
+from common import (
+    Timer,
+    UserError,
+    add_common_flags,
+    atomic_path,
+    cli_errors,
+    ensure_new_output,
+    format_table,
+    jsonable,
+    parse_args,
+    progress,
+    write_json,
+    write_jsonl,
+)
+
+OUTPUTS = (
+    "individual.jsonl", "greedy.jsonl", "uniform_soup.pt", "greedy_soup.pt", "learned_soup.pt",
+    "soup.png", "summary.json",
+)  # fmt: skip
+# Meta every ingredient must share, with the words used when they differ.
+SAME_META = (
+    ("arch", "architecture"),
+    ("model_kwargs", "model settings"),
+    ("num_classes", "number of classes"),
+    ("classes", "classes"),
+    ("in_chans", "input channels"),
+    ("img_size", "image size"),
+    ("multi_label", "label type"),
+    ("task", "task"),
+)
+# Not copied from an ingredient into a soup's meta: per-file state and last.pt extras.
+NOT_META = set(
+    "format state_dict created torch metrics optimizer scaler scheduler train_state aug_rng "
+    "torch_rng cuda_rng ema_state_dict".split()
+)
+# Training args that tell grid points apart (logged per ingredient when present).
+GRID_KEYS = (
+    "lr weight_decay epochs opt sched smoothing mix mix_alpha mix_prob aug ema drop drop_path"
+).split()
+
+
+# ---------------------------------------------------------------------------
+# Flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All soup flags, grouped."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_flags(p)
+    g = p.add_argument_group("ingredients and data")
+    g.add_argument(
+        "--ingredients",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="checkpoints and/or quoted glob patterns ('runs/ft/*/best.pt'; ** recurses)",
+    )
+    g.add_argument(
+        "--data", default=None, help="the ingredients' data set (None: the path recorded in them)"
+    )
+    g.add_argument("--data-format", default=None, help="override auto-detection")
+    g.add_argument(
+        "--holdout", default=None, help="another labelled set to choose and score soups on"
+    )
+    g.add_argument(
+        "--holdout-split",
+        choices=["all", "train", "val", "test"],
+        default="all",
+        help="--holdout: which part of it",
+    )
+    g.add_argument("--holdout-format", default=None, help="--holdout: override auto-detection")
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="decoded-tensor cache (None: $IMGCLS_CACHE or ~/.cache/imgcls)",
+    )
+
+    g = p.add_argument_group("soups")
+    g.add_argument("--eval-individual", action="store_true", help="score every ingredient")
+    g.add_argument("--uniform", action="store_true", help="average all ingredients")
+    g.add_argument(
+        "--greedy", action="store_true", help="greedy soup (scores every ingredient first)"
+    )
+    g.add_argument(
+        "--greedy-order",
+        choices=["accuracy", "random"],
+        default="accuracy",
+        help="candidate order: best held-out score first, or shuffled with --seed",
+    )
+    g.add_argument(
+        "--greedy-strict",
+        action="store_true",
+        help="keep a candidate only if the score rises (reference code); default: does not drop",
+    )
+    g.add_argument(
+        "--metric", choices=["acc", "f1"], default="acc", help="held-out score to rank and pick"
+    )
+    g.add_argument(
+        "--learned",
+        action="store_true",
+        help="learn softmax mixing weights on the held-out set (holds all ingredients in memory)",
+    )
+    g.add_argument("--learned-steps", type=int, default=50, help="--learned: optimiser steps")
+    g.add_argument("--learned-lr", type=float, default=0.05, help="--learned: Adam lr")
+    g.add_argument(
+        "--bn-recalib",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-estimate BatchNorm statistics of every soup on N training batches (0: off)",
+    )
+    g.add_argument("--plot", action="store_true", help="draw soup.png (needs matplotlib)")
+    g.add_argument(
+        "--seed",
+        "--random-seed",
+        dest="seed",
+        type=int,
+        default=0,
+        help="random order, BN-recalibration images and --learned batches",
+    )
+
+    g = p.add_argument_group("speed and output")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast")
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory format",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=256, help="BN-recalibration and --learned batch"
+    )
+    g.add_argument("--eval-batch-size", type=int, default=1024, help="held-out scoring batch")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores)")
+    g.add_argument("--out", default="runs/soup", help="output directory")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of a past run")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Averaging: pure functions on state dicts
+
+
+def _acc_dtype(dtype: torch.dtype, acc_dtype: torch.dtype | None) -> torch.dtype:
+    # float32 keeps memory at one model; float64 tensors stay float64.
+    return acc_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _same_layout(ref: dict, sd: dict, what: str) -> None:
+    if ref.keys() != sd.keys():
+        diff = sorted(set(ref) ^ set(sd))
+        raise ValueError(f"{what}: state dict keys differ ({', '.join(diff[:3])})")
+    for k, v in sd.items():
+        if torch.is_tensor(v) and tuple(v.shape) != tuple(ref[k].shape):
+            raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, not {tuple(ref[k].shape)}")
+
+
+def average_state_dicts(
+    state_dicts: Iterable[dict],
+    weights: Sequence[float] | None = None,
+    acc_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts, consumed one at a time (a generator keeps memory flat).
+
+    Floating tensors: running mean in float32 (float64 for float64 tensors, or `acc_dtype`),
+    cast back to the first state dict's dtype. Integer/bool tensors (BatchNorm
+    num_batches_tracked) are taken from the first. Weights need not sum to one.
+    """
+    mean: dict | None = None
+    dtypes: dict = {}
+    total, n = 0.0, 0
+    for sd in state_dicts:
+        if weights is not None and n >= len(weights):
+            raise ValueError(f"more state dicts than the {len(weights)} weights")
+        w = 1.0 if weights is None else float(weights[n])
+        if not w >= 0:
+            raise ValueError(f"weight {n} is {w}; weights must be >= 0")
+        if mean is None:
+            dtypes = {k: v.dtype for k, v in sd.items() if torch.is_tensor(v)}
+            mean = {
+                k: v.detach().to(_acc_dtype(v.dtype, acc_dtype), copy=True)
+                if v.is_floating_point()
+                else v.detach().clone()
+                for k, v in sd.items()
+                if torch.is_tensor(v)
+            }
+        else:
+            _same_layout(mean, {k: v for k, v in sd.items() if torch.is_tensor(v)}, f"item {n}")
+        total += w
+        if n > 0 and total > 0:
+            # Running mean m += (x - m) * w / total: N copies of one model average to it exactly.
+            for k, m in mean.items():
+                if m.is_floating_point():
+                    m.lerp_(sd[k].detach().to(m.dtype), w / total)
+        n += 1
+    if mean is None:
+        raise ValueError("no state dicts to average")
+    if weights is not None and n != len(weights):
+        raise ValueError(f"{n} state dicts but {len(weights)} weights")
+    if total <= 0:
+        raise ValueError("weights sum to zero")
+    return {k: v.to(dtypes[k]) for k, v in mean.items()}
+
+
+def _running_mean(soup: dict, new: dict, n: int) -> dict:
+    """soup * n/(n+1) + new/(n+1) (as a lerp), built while the new ingredient is released."""
+    new = dict(new)
+    if new.keys() != soup.keys():
+        raise ValueError(f"state dict keys differ ({', '.join(sorted(set(new) ^ set(soup))[:3])})")
+    out = {}
+    for k in list(new):
+        v, s = new.pop(k), soup[k]
+        # Integer buffers stay with the soup's start, as in average_state_dicts.
+        out[k] = torch.lerp(s, v.to(s.dtype), 1.0 / (n + 1)) if s.is_floating_point() else s
+    return out
+
+
+def greedy_soup(
+    paths: Sequence,
+    evaluate_fn: Callable[[dict], dict],
+    start_metrics: dict | None = None,
+    load_fn: Callable[[object], dict] | None = None,
+    strict: bool = False,
+    metric: str = "acc",
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list, list[dict]]:
+    """Greedy soup over `paths` in the order given (best first): (state dict, kept, step log).
+
+    The soup starts as paths[0] (scored `start_metrics`, else evaluated); each next candidate is
+    tried as soup * n/(n+1) + new/(n+1) and kept if evaluate_fn(candidate)[metric] does not drop
+    (strict: rises). Only the running soup and one candidate are held in memory.
+    """
+    load_fn = load_fn or models.load_state_dict_file
+    first = load_fn(paths[0])
+    dtypes = {k: v.dtype for k, v in first.items()}
+    # Never modified in place (candidates are new tensors), so no copy of the caller's tensors.
+    soup = {
+        k: v.detach().to(_acc_dtype(v.dtype, None)) if v.is_floating_point() else v
+        for k, v in first.items()
+    }
+    del first
+    best = start_metrics if start_metrics is not None else evaluate_fn(soup)
+    kept = [paths[0]]
+    steps = [_step_row(0, paths[0], True, 1, best, best)]
+    if on_step:
+        on_step(steps[-1])
+    for path in paths[1:]:
+        candidate = _running_mean(soup, load_fn(path), len(kept))
+        m = evaluate_fn(candidate)
+        accepted = m[metric] > best[metric] if strict else m[metric] >= best[metric]
+        if accepted:
+            soup, best = candidate, m
+            kept.append(path)
+        del candidate
+        steps.append(_step_row(len(steps), path, accepted, len(kept), m, best))
+        if on_step:
+            on_step(steps[-1])
+    return {k: v.to(dtypes[k]) for k, v in soup.items()}, kept, steps
+
+
+def _step_row(step: int, path, accepted: bool, n_kept: int, tried: dict, soup: dict) -> dict:
+    row = {"step": step, "candidate": str(path), "accepted": accepted, "n_kept": n_kept}
+    row.update({f"val_{k}": v for k, v in tried.items()})  # the soup tried at this step
+    row.update({f"soup_val_{k}": v for k, v in soup.items()})  # the soup kept after it
+    return row
+
+
+def greedy_order(metrics: Sequence[dict], order: str = "accuracy", seed: int = 0, metric="acc"):
+    """Indices in greedy order: best held-out score first (ties: lower loss, then input order)."""
+    idx = list(range(len(metrics)))
+    if order == "random":
+        random.Random(seed).shuffle(idx)
+        return idx
+    return sorted(idx, key=lambda i: (-metrics[i][metric], metrics[i].get("loss", 0.0), i))
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm re-estimation
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean,
+    std,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    amp: str | None = None,
+    channels_last: bool = False,
+) -> int:
+    """Reset BatchNorm running stats and re-estimate them as the plain average over `images`.
+
+    Only BN layers run in train mode (dropout/drop-path stay off). Returns the number of BN layers.
+    """
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches, not an EMA
+        m.train()
+    try:
+        for idx in data.batch_indices(len(images), batch_size, False):
+            if len(idx) < 2:  # train-mode BN needs two samples
+                continue
+            x = data.normalize(images[idx].to(device, non_blocking=True), mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with models.autocast(device, amp):
+                model(x)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
+
+
+# ---------------------------------------------------------------------------
+# Ingredients: discovery and compatibility checks
+
+
+def _natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def expand_ingredients(patterns: Sequence[str]) -> list[str]:
+    """Paths from literal paths and glob patterns, in natural order, without duplicates."""
+    out, seen = [], set()
+    for pat in patterns:
+        if any(c in pat for c in "*?["):
+            hits = sorted(
+                (h for h in glob.glob(pat, recursive=True) if Path(h).is_file()), key=_natural_key
+            )
+            if not hits:
+                raise UserError(
+                    f"--ingredients {pat}: matched no files; check the pattern (quoted, e.g. "
+                    "'runs/ft/*/best.pt')"
+                )
+        else:
+            if not Path(pat).is_file():
+                raise UserError(f"{pat}: no such checkpoint; check --ingredients")
+            hits = [pat]
+        for h in hits:
+            key = os.path.realpath(h)
+            if key not in seen:
+                seen.add(key)
+                out.append(h)
+    return out
+
+
+def _has_tensor(v) -> bool:
+    if torch.is_tensor(v):
+        return True
+    if isinstance(v, dict):
+        return any(_has_tensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_tensor(x) for x in v)
+    return False
+
+
+def read_ingredient(path: str) -> dict:
+    """Meta, state-dict shapes and recorded metrics of one checkpoint (its tensors dropped)."""
+    ck = models.load_checkpoint(path)
+    sd = ck["state_dict"]
+    return {
+        "path": str(path),
+        "meta": {k: v for k, v in ck.items() if k not in NOT_META and not _has_tensor(v)},
+        "shapes": {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)},
+        "metrics": ck.get("metrics") or {},
+    }
+
+
+def _brief(v) -> str:
+    if isinstance(v, list) and len(v) > 6:
+        return f"{len(v)} items [{', '.join(map(str, v[:3]))}, ...]"
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def check_ingredients(infos: Sequence[dict]) -> None:
+    """UserError naming both files when an ingredient differs from the first in what matters."""
+    a = infos[0]
+    fix = "soup only models of one architecture fine-tuned on the same data and split"
+    for b in infos[1:]:
+        pair = f"{a['path']} and {b['path']}"
+        for key, what in SAME_META:
+            va, vb = a["meta"].get(key), b["meta"].get(key)
+            if va != vb:
+                raise UserError(f"{pair} differ in {what} ({_brief(va)} vs {_brief(vb)}); {fix}")
+        sa, sb = a["meta"].get("split") or {}, b["meta"].get("split") or {}
+        if sa.get("val_hash") != sb.get("val_hash"):
+            raise UserError(
+                f"{pair} were validated on different splits (val_hash {sa.get('val_hash')} vs "
+                f"{sb.get('val_hash')}, split seed {sa.get('seed')} vs {sb.get('seed')}, "
+                f"val ratio {sa.get('val_ratio')} vs {sb.get('val_ratio')}); train all "
+                "ingredients with the same --split-seed and --val-ratio"
+            )
+        ka, kb = a["shapes"], b["shapes"]
+        if ka.keys() != kb.keys():
+            only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+            raise UserError(
+                f"{pair} have different state_dict keys (only in the first: "
+                f"{', '.join(only_a[:3]) or '-'}; only in the second: "
+                f"{', '.join(only_b[:3]) or '-'}); {fix}"
+            )
+        for k in ka:
+            if ka[k] != kb[k]:
+                raise UserError(
+                    f"{pair} differ in the shape of {k} ({list(ka[k])} vs {list(kb[k])}); {fix}"
+                )
+
+
+def start_warnings(infos: Sequence[dict]) -> list[str]:
+    """Warnings (not errors) when ingredients do not look like they share one start."""
+    args = [i["meta"].get("args") or {} for i in infos]
+    out = []
+    starts = [a.get("weights") for a in args]
+    if len(set(map(str, starts))) > 1:
+        j = next(i for i, s in enumerate(starts) if s != starts[0])
+        out.append(
+            f"{infos[0]['path']} and {infos[j]['path']} start from different weights "
+            f"({starts[0]} vs {starts[j]}); soups work when all ingredients are fine-tuned from "
+            "one pretrained start, expect a poor uniform soup"
+        )
+    elif starts[0] is None and not any(a.get("pretrained") for a in args):
+        seeds = {a.get("random_seed") for a in args}
+        if len(seeds) > 1:
+            out.append(
+                "ingredients were trained from scratch with different --random-seed values, so "
+                "they share no start; their average is usually much worse than any of them"
+            )
+    mean_std = {(str(i["meta"].get("mean")), str(i["meta"].get("std"))) for i in infos}
+    if len(mean_std) > 1:
+        out.append("ingredients record different normalisation mean/std; the first one's is used")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Held-out and BN-recalibration data
+
+
+def _load_like_training(path, split: str, fmt, ref: dict, cache_dir) -> tuple:
+    """A part of `path` at the ingredients' image size and channels, reusing training's cache."""
+    meta = ref["meta"]
+    rec = meta.get("split") or {}
+    targs = meta.get("args") or {}
+    want = (int(meta["in_chans"]), *map(int, meta["img_size"]))
+    exact = {"img_size": tuple(want[1:]), "in_chans": want[0]}
+    # Training's own flags first: same cache key, so no second decode of the data set.
+    tries = [{"img_size": targs.get("img_size"), "in_chans": targs.get("in_chans")}, exact]
+    if tries[0] == exact or "img_size" not in targs:
+        tries = [exact]
+    for i, kw in enumerate(tries):
+        try:
+            ds, record = data.load_split(
+                path,
+                split,
+                fmt=fmt,
+                **data.split_args(rec),
+                cache_dir=cache_dir,
+                skip_bad_images=bool(targs.get("skip_bad_images", False)),
+                **kw,
+            )
+        except UserError:
+            if i + 1 < len(tries):
+                continue
+            raise
+        if len(ds) == 0 or tuple(ds.images.shape[1:]) == want:
+            return ds, record
+    return ds, record
+
+
+def load_holdout(args, ref: dict) -> tuple[data.ImageSet, str]:
+    """The held-out set: the recorded validation split (hash verified) or --holdout."""
+    meta = ref["meta"]
+    if args.holdout:
+        ds, _ = _load_like_training(
+            args.holdout, args.holdout_split, args.holdout_format, ref, args.cache_dir
+        )
+        if not ds.has_labels or len(ds) == 0:
+            raise UserError(
+                f"--holdout {args.holdout} ({args.holdout_split}): no labelled images; "
+                "pass a labelled set or another --holdout-split"
+            )
+        if ds.classes != meta.get("classes") and meta.get("task") != "rotation":
+            raise UserError(
+                f"--holdout {args.holdout}: classes {_brief(ds.classes)} differ from the "
+                f"ingredients' {_brief(meta.get('classes'))} ({ref['path']}); use a set "
+                "labelled with the same classes"
+            )
+        return ds, f"{args.holdout} ({args.holdout_split}, {len(ds)} images)"
+    rec = meta.get("split") or {}
+    if not rec.get("val_hash") or not rec.get("val_ratio"):
+        raise UserError(
+            f"{ref['path']}: records no validation split (val_ratio "
+            f"{rec.get('val_ratio')}); pass --holdout PATH, a labelled set to score soups on"
+        )
+    path = data_path(args, ref)
+    ds, record = _load_like_training(
+        path, "val", args.data_format or _fmt(ref), ref, args.cache_dir
+    )
+    if record["val_hash"] != rec["val_hash"]:
+        raise UserError(
+            f"{path}: its validation split (seed {rec.get('seed')}, ratio {rec.get('val_ratio')}) "
+            f"hashes to {record['val_hash']} but {ref['path']} recorded {rec['val_hash']}: the "
+            "data changed since training; pass the data set the ingredients were trained on, "
+            "or --holdout PATH"
+        )
+    return ds, f"{path} (recorded val split, {len(ds)} images)"
+
+
+def _fmt(ref: dict):
+    return (ref["meta"].get("args") or {}).get("data_format")
+
+
+def data_path(args, ref: dict) -> str:
+    """--data, else the data path recorded in the first ingredient's training args."""
+    path = args.data or (ref["meta"].get("args") or {}).get("data")
+    if not path:
+        raise UserError(
+            f"{ref['path']}: records no data path; pass --data (the set it was trained on)"
+        )
+    if not args.data and not Path(path).exists():
+        raise UserError(
+            f"{ref['path']}: recorded data path {path} is not found from here; pass --data"
+        )
+    return path
+
+
+def bn_images(args, ref: dict, device: torch.device) -> torch.Tensor:
+    """uint8 images for BN re-estimation: --bn-recalib batches of the recorded training split."""
+    path = data_path(args, ref)
+    ds, _ = _load_like_training(path, "train", args.data_format or _fmt(ref), ref, args.cache_dir)
+    gen = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(ds), generator=gen)[: args.bn_recalib * args.batch_size]
+    images = ds.images[idx.sort().values]
+    # Small enough (the usual case): keep them on the device for every recalibration.
+    return images.to(device) if images.numel() < 2**31 else images
+
+
+# ---------------------------------------------------------------------------
+# Scoring soups on the held-out set
+
+
+class Scorer:
+    """The one model every evaluation of a run loads state dicts into, plus the held-out data."""
+
+    def __init__(self, ref: dict, held: data.ImageSet, args, device, bn: torch.Tensor | None):
+        meta = ref["meta"]
+        self.model = models.create_model(
+            meta["arch"],
+            int(meta["num_classes"]),
+            in_chans=int(meta["in_chans"]),
+            img_size=meta.get("img_size"),
+            model_kwargs=meta.get("model_kwargs"),
+            check_size=False,
+        ).to(device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.eval()
+        self.images = held.images.to(device)  # decoded once, on the device for the whole run
+        self.labels = held.labels
+        self.mean, self.std = meta["mean"], meta["std"]
+        self.multi_label, self.task = bool(meta.get("multi_label")), meta.get("task", "classify")
+        self.bn, self.args, self.device = bn, args, device
+        self.passes = 0
+
+    def load(self, sd: dict, recalib: bool) -> None:
+        """Load `sd` into the model; re-estimate BN statistics when asked and enabled."""
+        self.model.load_state_dict(sd)
+        if recalib and self.bn is not None:
+            a = self.args
+            recalibrate_bn(
+                self.model,
+                self.bn,
+                self.mean,
+                self.std,
+                a.batch_size,
+                self.device,
+                a.amp,
+                a.channels_last,
+            )
+
+    def score(self, sd: dict | None = None, recalib: bool = True) -> dict:
+        """Held-out metrics {"acc", "loss", "f1"|"label_acc"} of `sd` (None: model as loaded)."""
+        if sd is not None:
+            self.load(sd, recalib)
+        self.passes += 1
+        return train.evaluate(
+            self.model,
+            self.images,
+            self.labels,
+            self.mean,
+            self.std,
+            self.multi_label,
+            self.task,
+            batch_size=self.args.eval_batch_size,
+            device=self.device,
+            amp=self.args.amp,
+            channels_last=self.args.channels_last,
+        )
+
+    def state(self, like: dict) -> dict:
+        """The model's state dict (e.g. with re-estimated BN stats) in the dtypes of `like`."""
+        return {
+            k: v.detach().cpu().contiguous().to(like[k].dtype)
+            for k, v in self.model.state_dict().items()
+        }
+
+
+# ---------------------------------------------------------------------------
+# Learned soup (optional): softmax mixing weights fitted on the held-out set
+
+
+@contextlib.contextmanager
+def _differentiable_eval_bn():
+    """Eval-mode F.batch_norm in plain tensor ops, so gradients also reach the mixed BN stats."""
+    original = F.batch_norm
+
+    def batch_norm(x, mean, var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        if training or mean is None:
+            return original(x, mean, var, weight, bias, training, momentum, eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
+        y = (x - mean.view(shape)) * scale.view(shape)
+        return y if bias is None else y + bias.view(shape)
+
+    F.batch_norm = batch_norm  # nn.BatchNorm* and timm's BatchNormAct call F.batch_norm
+    try:
+        yield
+    finally:
+        F.batch_norm = original
+
+
+def learned_weights(paths: Sequence[str], scorer: Scorer, args) -> list[float]:
+    """Mixing weights softmax(a) minimising held-out loss of sum_i w_i * theta_i (all in memory)."""
+    device, n = scorer.device, len(paths)
+    model = scorer.model
+    stacked, fixed = {}, {}
+    for i, p in enumerate(progress(paths, args.quiet, desc="load all")):
+        for k, v in models.load_state_dict_file(p).items():
+            if v.is_floating_point():
+                if k not in stacked:
+                    stacked[k] = torch.empty((n, *v.shape), dtype=torch.float32, device=device)
+                stacked[k][i] = v
+            elif i == 0:
+                fixed[k] = v.to(device)
+    logits = torch.zeros(n, device=device, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=args.learned_lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    y_all = scorer.labels
+    model.eval()  # BN uses the mixed running stats; dropout off
+    for _ in progress(range(args.learned_steps), args.quiet, desc="learn weights"):
+        idx = torch.randint(
+            len(scorer.images), (min(args.batch_size, len(scorer.images)),), generator=gen
+        )
+        w = logits.softmax(0)
+        state = {k: torch.tensordot(w, s, dims=1) for k, s in stacked.items()}
+        state.update(fixed)
+        x = data.normalize(scorer.images[idx.to(scorer.images.device)], scorer.mean, scorer.std)
+        with models.autocast(device, args.amp), _differentiable_eval_bn():
+            out = torch.func.functional_call(model, state, (x,)).float()
+        y = y_all[idx].to(device)
+        loss = (
+            F.binary_cross_entropy_with_logits(out, y.float())
+            if scorer.multi_label
+            else F.cross_entropy(out, y)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return logits.detach().softmax(0).cpu().tolist()
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+
+
+def short_names(paths: Sequence[str]) -> list[str]:
+    """Paths relative to the ingredients' common folder (e.g. i3_s1/best.pt), for tables."""
+    full = [Path(p).resolve() for p in paths]
+    base = os.path.commonpath([str(f.parent) for f in full]) if len(full) > 1 else full[0].parent
+    if len(full) > 1 and all(f.parent == Path(base) for f in full):
+        base = str(Path(base).parent)  # keep the folder: runs/x/best.pt -> x/best.pt
+    return [os.path.relpath(f, base) for f in full]
+
+
+def individual_row(info: dict, m: dict) -> dict:
+    """One line of individual.jsonl: path, held-out metrics, grid point and seed."""
+    targs = info["meta"].get("args") or {}
+    row = {"path": info["path"], **{f"val_{k}": v for k, v in m.items()}}
+    if "i" in targs:
+        row["i"] = targs["i"]
+    if "random_seed" in targs:
+        row["seed"] = targs["random_seed"]
+    grid = {k: targs[k] for k in GRID_KEYS if k in targs}
+    if grid:
+        row["grid"] = grid
+    if "val_acc" in info["metrics"]:
+        row["recorded_val_acc"] = info["metrics"]["val_acc"]
+    return row
+
+
+def save_soup(path: Path, sd: dict, ref: dict, soup: dict, m: dict, args) -> None:
+    """A soup checkpoint in our format: the ingredients' meta + what went in and its metrics."""
+    meta = dict(ref["meta"])
+    meta["metrics"] = {f"val_{k}": v for k, v in m.items()}
+    meta["soup"] = {**soup, "bn_recalib": args.bn_recalib, "args": jsonable(vars(args))}
+    models.save_checkpoint(path, sd, meta)
+
+
+def plot_soup(path: Path, names: list[str], accs: list[float], kept: set, soups: dict) -> None:
+    """soup.png: each ingredient's held-out accuracy (by rank) and the soups as lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(
+            "--plot needs matplotlib (pip install matplotlib), or drop --plot"
+        ) from None
+    from matplotlib.ticker import MaxNLocator
+
+    order = sorted(range(len(accs)), key=lambda i: -accs[i])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    groups = [
+        (True, "tab:green", "ingredient in the greedy soup"),
+        (False, "tab:gray", "ingredient"),
+    ]
+    for in_soup, color, label in groups:
+        ranks = [r + 1 for r, i in enumerate(order) if (names[i] in kept) == in_soup]
+        if ranks:
+            ax.scatter(ranks, [accs[order[r - 1]] for r in ranks], c=color, zorder=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    styles = {"uniform soup": ("tab:blue", "--"), "greedy soup": ("tab:red", "-")}
+    for name, acc in soups.items():
+        color, ls = styles.get(name, ("tab:purple", ":"))
+        ax.axhline(acc, color=color, ls=ls, label=f"{name} {acc:.4f}")
+    ax.set_xlabel("ingredient, ranked by held-out accuracy")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"Model soup of {len(accs)} ingredients")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The run, step by step
+
+
+def gather_ingredients(args) -> list[dict]:
+    """Expand --ingredients and check them all (before any averaging); warn on mixed starts."""
+    paths = expand_ingredients(args.ingredients)
+    infos = [read_ingredient(p) for p in progress(paths, args.quiet, desc="check")]
+    check_ingredients(infos)
+    for w in start_warnings(infos):
+        print(f"soup.py: warning: {w}", file=sys.stderr)
+    return infos
+
+
+def score_and_average(
+    paths: list[str], names: list[str], scorer: Scorer, args
+) -> tuple[list[dict], dict | None]:
+    """One streamed pass: held-out metrics of each ingredient and/or their uniform average."""
+    scores: list[dict] = []
+    need_scores = args.eval_individual or args.greedy or args.plot
+
+    def stream():
+        for i, p in enumerate(progress(paths, args.quiet, desc="ingredients")):
+            sd = models.load_state_dict_file(p)
+            if need_scores:
+                m = scorer.score(sd, recalib=False)  # an ingredient keeps its own BN stats
+                scores.append(m)
+                print(f"  [{i + 1}/{len(paths)}] {names[i]}: {_fmt_metrics(m, args.metric)}")
+            yield sd
+
+    if args.uniform:
+        return scores, average_state_dicts(stream())
+    if need_scores:
+        for _ in stream():
+            pass
+    return scores, None
+
+
+def make_greedy(paths, names, scores, scorer: Scorer, args) -> tuple[dict, dict, list, dict]:
+    """Greedy soup in --greedy-order: (state dict to save, its metrics, step log, soup record)."""
+    order = greedy_order(scores, args.greedy_order, args.seed, args.metric)
+    metric = args.metric
+
+    def on_step(row):
+        name = names[paths.index(row["candidate"])]
+        verdict = "start" if row["step"] == 0 else ("kept" if row["accepted"] else "dropped")
+        print(
+            f"  greedy {row['step']}: {verdict:7s} {name} (tried val_{metric} "
+            f"{row[f'val_{metric}']:.4f}; soup of {row['n_kept']}: "
+            f"{row[f'soup_val_{metric}']:.4f})"
+        )
+
+    sd, kept, steps = greedy_soup(
+        [paths[i] for i in order],
+        scorer.score,
+        start_metrics=scores[order[0]],
+        strict=args.greedy_strict,
+        metric=metric,
+        on_step=on_step,
+    )
+    m = {k[len("soup_val_") :]: v for k, v in steps[-1].items() if k.startswith("soup_val_")}
+    if scorer.bn is not None and len(kept) > 1:
+        scorer.load(sd, recalib=True)  # same images, so the BN stats it was scored with
+        sd = scorer.state(sd)
+    info = {
+        "method": "greedy",
+        "ingredients": kept,
+        "weights": [1.0 / len(kept)] * len(kept),
+        "order": [paths[i] for i in order],
+        "strict": args.greedy_strict,
+    }
+    return sd, m, steps, info
+
+
+def _fmt_metrics(m: dict, metric: str) -> str:
+    return f"val_{metric} {m[metric]:.4f}  val_loss {m['loss']:.4f}"
+
+
+def _val(m: dict) -> dict:
+    return {f"val_{k}": v for k, v in m.items()}
+
+
+def summary_table(results: dict[str, dict], metric: str, best_name: str | None) -> str:
+    """Best ingredient and each soup: score, delta vs the best ingredient, ingredients used."""
+    best = results["best ingredient"]["metrics"][metric] if best_name else float("nan")
+    rows = []
+    for name, r in results.items():
+        label = f"best ingredient ({best_name})" if name == "best ingredient" else name
+        x = r["metrics"][metric]
+        delta = f"{x - best:+.4f}" if math.isfinite(best) else "-"
+        rows.append([label, x, delta, r["metrics"]["loss"], r["used"]])
+    return format_table(rows, ["model", f"val_{metric}", "vs best", "val_loss", "ingredients"])
+
+
+def run(args) -> dict:
+    """Check, score and mix the ingredients per args; write the outputs; return the summary."""
+    if not (args.eval_individual or args.uniform or args.greedy or args.learned or args.plot):
+        raise UserError("nothing to do: add --eval-individual, --uniform, --greedy or --learned")
+    if args.bn_recalib < 0 or args.batch_size < 2 or args.eval_batch_size < 1:
+        raise UserError("--bn-recalib must be >= 0, --batch-size >= 2, --eval-batch-size >= 1")
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    infos = gather_ingredients(args)
+    ref, paths, n, metric = infos[0], [i["path"] for i in infos], len(infos), args.metric
+    if metric == "f1" and ref["meta"].get("multi_label"):
+        raise UserError("--metric f1 is for single-label data; use --metric acc")
+    if args.learned and ref["meta"].get("task") == "rotation":
+        raise UserError("--learned needs a classifier; drop it for rotation checkpoints")
+    out = Path(args.out)
+    ensure_new_output(out, "summary.json", args.overwrite)
+    for name in OUTPUTS if args.overwrite else ():
+        (out / name).unlink(missing_ok=True)
+
+    device = models.resolve_device(args.device)
+    held, held_desc = load_holdout(args, ref)
+    scorer = Scorer(
+        ref, held, args, device, bn_images(args, ref, device) if args.bn_recalib else None
+    )
+    if scorer.bn is not None and not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in scorer.model.modules()
+    ):
+        print(
+            "soup.py: warning: no BatchNorm layers; --bn-recalib changes nothing", file=sys.stderr
+        )
+        scorer.bn = None
+    names = short_names(paths)
+    bn_note = f", BN re-estimated on {args.bn_recalib} batches" if scorer.bn is not None else ""
+    print(
+        f"soup of {n} ingredient(s) ({ref['meta']['arch']}) on {device}; held-out: "
+        f"{held_desc}; metric {metric}{bn_note}"
+    )
+    summary: dict = {"n_ingredients": n, "holdout": held_desc, "metric": metric}
+    results: dict[str, dict] = {}  # table rows: name -> {"metrics", "used"}
+
+    # 1. One streamed pass over the ingredients: scores and the uniform average.
+    with Timer() as t:
+        scores, uniform_sd = score_and_average(paths, names, scorer, args)
+    summary["individual_seconds"] = round(t.seconds, 3)
+    best_name = None
+    if scores:
+        write_jsonl(out / "individual.jsonl", [individual_row(i, m) for i, m in zip(infos, scores)])
+        b = greedy_order(scores, "accuracy", metric=metric)[0]
+        best_name = names[b]
+        results["best ingredient"] = {"metrics": scores[b], "used": 1}
+        summary["best_ingredient"] = {"path": paths[b], **_val(scores[b])}
+
+    # 2. Uniform soup.
+    if uniform_sd is not None:
+        m = scorer.score(uniform_sd)
+        if scorer.bn is not None:
+            uniform_sd = scorer.state(uniform_sd)  # with the re-estimated BN stats
+        info = {"method": "uniform", "ingredients": paths, "weights": [1.0 / n] * n}
+        save_soup(out / "uniform_soup.pt", uniform_sd, ref, info, m, args)
+        del uniform_sd
+        results["uniform soup"] = {"metrics": m, "used": f"{n}/{n}"}
+        summary["uniform"] = {**_val(m), "path": str(out / "uniform_soup.pt")}
+
+    # 3. Greedy soup.
+    kept: list[str] = []
+    if args.greedy:
+        with Timer() as t:
+            sd, m, steps, info = make_greedy(paths, names, scores, scorer, args)
+        write_jsonl(out / "greedy.jsonl", steps)
+        save_soup(out / "greedy_soup.pt", sd, ref, info, m, args)
+        del sd
+        kept = info["ingredients"]
+        results["greedy soup"] = {"metrics": m, "used": f"{len(kept)}/{n}"}
+        summary["greedy"] = {
+            **_val(m),
+            "kept": kept,
+            "n_kept": len(kept),
+            "path": str(out / "greedy_soup.pt"),
+            "seconds": round(t.seconds, 3),
+        }
+
+    # 4. Learned soup (optional): weights fitted on the held-out set, so its score is optimistic.
+    if args.learned:
+        weights = learned_weights(paths, scorer, args)
+        sd = average_state_dicts((models.load_state_dict_file(p) for p in paths), weights)
+        m = scorer.score(sd)
+        if scorer.bn is not None:
+            sd = scorer.state(sd)
+        info = {"method": "learned", "ingredients": paths, "weights": weights}
+        save_soup(out / "learned_soup.pt", sd, ref, info, m, args)
+        del sd
+        results["learned soup (fit on held-out)"] = {"metrics": m, "used": f"{n}/{n}"}
+        summary["learned"] = {**_val(m), "weights": weights, "path": str(out / "learned_soup.pt")}
+
+    if args.plot:
+        soups = {k: r["metrics"]["acc"] for k, r in results.items() if k != "best ingredient"}
+        kept_names = {names[paths.index(p)] for p in kept}
+        plot_soup(out / "soup.png", names, [s["acc"] for s in scores], kept_names, soups)
+
+    # 5. Summary: table on stdout and summary.json.
+    if best_name:
+        best = scores[paths.index(summary["best_ingredient"]["path"])][metric]
+        for key in ("uniform", "greedy", "learned"):
+            if key in summary:
+                summary[key]["delta_vs_best"] = summary[key][f"val_{metric}"] - best
+    seconds = time.perf_counter() - start
+    summary.update(
+        bn_recalib=args.bn_recalib if scorer.bn is not None else 0,
+        evaluations=scorer.passes,
+        seconds=round(seconds, 3),
+    )
+    write_json(out / "summary.json", summary)
+    if results:
+        print(summary_table(results, metric, best_name))
+    wrote = ",".join(f for f in OUTPUTS if (out / f).exists())
+    print(
+        f"wrote {out}/{{{wrote}}}; {scorer.passes} held-out passes over {len(held)} images "
+        f"in {seconds:.1f}s"
+    )
+    return summary
+
+
+def main(argv=None):
+    with cli_errors("soup.py"):
+        return run(parse_args(build_parser(), argv))
+
+
+if __name__ == "__main__":
+    main()

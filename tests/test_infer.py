@@ -1,0 +1,312 @@
+"""infer.py: TTA views and merges, one stacked forward, ensembles, submission formats, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import data
+import infer
+import models
+import train
+import vote
+
+MEAN, STD = [0.2], [0.3]
+CLS = ["cat", "dog", "owl"]
+
+
+def tiny_model(k: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.create_model("smallnet_s", k, in_chans=1, img_size=(16, 16)).eval()
+
+
+def rand_images(n: int = 10, size: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+
+
+def save_ckpt(path, root, classes=None, multi_label=False, aug="flip,crop", seed=0, val=0.1):
+    """A random-weight checkpoint for the data at `root`, with its split recorded."""
+    train_set, record = data.load_split(root, "train", val_ratio=val)
+    classes = classes or train_set.classes
+    mean, std = data.mean_std(train_set.images)
+    meta = {
+        "arch": "smallnet_s",
+        "num_classes": len(classes),
+        "in_chans": 1,
+        "img_size": list(train_set.img_size),
+        "classes": list(classes),
+        "multi_label": multi_label,
+        "mean": mean,
+        "std": std,
+        "split": record,
+        "args": {"aug": aug, "data": str(root)},
+        "task": "classify",
+    }
+    models.save_checkpoint(path, tiny_model(len(classes), seed), meta)
+    return str(path)
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        infer.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Views and merges (pure functions)
+
+
+def test_identity_view_equals_plain_inference():
+    model, x = tiny_model(), rand_images()
+    plain = train.predict(model, x, MEAN, STD, batch_size=4)
+    assert infer.tta_views("none") == [infer.IDENTITY]
+    tta = train.predict(model, x, MEAN, STD, 4, forward=infer.tta_forward([infer.IDENTITY]))
+    assert torch.equal(plain, tta)
+
+
+class FlipInvariant(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return (self.inner(x) + self.inner(x.flip(-1))) / 2
+
+
+def test_flip_tta_of_flip_invariant_model_equals_plain():
+    model, x = FlipInvariant(tiny_model()).eval(), rand_images()
+    plain = train.predict(model, x, MEAN, STD, batch_size=4)
+    fwd = infer.tta_forward(infer.tta_views("flip"))
+    assert torch.allclose(train.predict(model, x, MEAN, STD, 4, forward=fwd), plain, atol=1e-6)
+    # a model that is not flip-invariant does change under flip TTA
+    other = train.predict(tiny_model(), x, MEAN, STD, 4, forward=fwd)
+    assert not torch.allclose(other, train.predict(tiny_model(), x, MEAN, STD, 4), atol=1e-6)
+
+
+def test_every_view_has_an_inverse():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 24, 24)
+    exact = infer.tta_views("flip,vflip,rot90")
+    assert len(exact) == 16
+    for v in exact:
+        assert torch.equal(v.deaugment(v.augment(x)), x), v.name
+    for p in (1, 2):
+        for v in infer.tta_views("flip,shift", shift_px=p):  # exact away from the p-px border
+            y = v.augment(x)
+            assert y.shape == x.shape
+            assert torch.equal(v.deaugment(y)[..., p:-p, p:-p], x[..., p:-p, p:-p]), v.name
+    # resampling views: exact for a linear ramp (bilinear), inside the part the view keeps
+    i = torch.arange(24.0)
+    ramp = (0.5 * i.view(24, 1) - 0.25 * i.view(1, 24) + 3).expand(2, 3, 24, 24)
+    m = 5
+    for v in infer.tta_views("scale") + infer.tta_views("five-crop"):
+        y = v.augment(ramp)
+        assert y.shape == ramp.shape
+        back = v.deaugment(y)
+        assert torch.allclose(back[..., m:-m, m:-m], ramp[..., m:-m, m:-m], atol=1e-3), v.name
+        if v is not infer.IDENTITY:
+            assert not torch.allclose(y, ramp, atol=1e-3), v.name
+    assert len(infer.tta_views("five-crop")) == 5 and len(infer.tta_views("scale")) == 3
+
+
+def test_unknown_view_is_a_user_error():
+    with pytest.raises(infer.UserError, match="unknown view"):
+        infer.tta_views("flip,spin")
+
+
+def test_merges_equal_hand_computed_values():
+    p = torch.tensor([[[0.7, 0.2, 0.1]], [[0.4, 0.4, 0.2]]])  # k=2 views, N=1, K=3
+    assert torch.allclose(infer.merge_views(p, "mean"), torch.tensor([[0.55, 0.3, 0.15]]))
+    g = torch.tensor([0.28, 0.08, 0.02]).sqrt()
+    assert torch.allclose(infer.merge_views(p, "gmean"), (g / g.sum())[None], atol=1e-6)
+    mx = torch.tensor([0.7, 0.4, 0.2])
+    assert torch.allclose(infer.merge_views(p, "max"), (mx / mx.sum())[None], atol=1e-6)
+    q = torch.tensor([[[0.9, 0.2]], [[0.5, 0.6]]])  # multi-label: per class against 1 - p
+    a = (0.9 * 0.5) ** 0.5 / ((0.9 * 0.5) ** 0.5 + (0.1 * 0.5) ** 0.5)
+    b = (0.2 * 0.6) ** 0.5 / ((0.2 * 0.6) ** 0.5 + (0.8 * 0.4) ** 0.5)
+    got = infer.merge_views(q, "gmean", multi_label=True)
+    assert torch.allclose(got, torch.tensor([[a, b]]), atol=1e-6)
+    assert torch.allclose(infer.merge_views(q, "max", True), torch.tensor([[0.9, 0.6]]))
+
+
+class CountingModel(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        return self.inner(x)
+
+
+def test_one_stacked_forward_per_batch():
+    model, x = CountingModel(tiny_model()), rand_images(10)
+    views = infer.tta_views("flip,shift")
+    assert len(views) == 6
+    p = train.predict(model, x, MEAN, STD, 4, forward=infer.tta_forward(views, "gmean"))
+    assert model.calls == [24, 24, 12]  # 3 batches of B=4,4,2 images, 6 views each, one call
+    assert p.shape == (10, 3) and torch.allclose(p.sum(1), torch.ones(10), atol=1e-5)
+
+
+def test_tune_thresholds():
+    probs = np.array([[0.35, 0.9], [0.40, 0.1], [0.10, 0.8], [0.20, 0.3]])
+    labels = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
+    t = infer.tune_thresholds(probs, labels, "f1")
+    # column 0: any threshold in (0.20, 0.35] is perfect; ties go to the one nearest 0.5
+    assert t[0] == pytest.approx(0.35) and 0.3 < t[1] <= 0.8
+    t2 = infer.tune_thresholds(probs, labels, "exact")
+    assert infer.exact_match(probs, labels, t2) == 1.0
+    assert infer.exact_match(probs, labels, [0.5, 0.5]) == 0.5
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def test_end_to_end_trained_checkpoint(tiny_idx, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train.main(
+        ["--data", str(tiny_idx), "--out", str(runs), "--name", "r", "--model", "smallnet_s",
+         "--epochs", "1", "--batch-size", "32", "--quiet", "--threads", "1"]
+    )  # fmt: skip
+    ck = str(runs / "r" / "best.pt")
+    out = tmp_path / "sub.csv"
+    r = infer.main(
+        [ck, "--data", str(tiny_idx), "--out", str(out), "--tta", "flip", "--return-probs",
+         "--confusion", str(tmp_path / "cm.png"), "--quiet"]
+    )  # fmt: skip
+    assert r["split"] == "test" and r["images"] == 30 and len(r["views"]) == 2
+    df = pd.read_csv(out, dtype=str)
+    assert list(df.columns) == ["id", "label"] and len(df) == 30
+    ids, probs, classes, ml = vote.read_probs(out)
+    assert ids == df["id"].tolist() and probs.shape == (30, len(classes)) and not ml
+    assert df["label"].tolist() == [classes[k] for k in probs.argmax(1)]
+    assert (tmp_path / "cm.png").stat().st_size > 0
+    assert 0 <= r["metrics"]["accuracy"] <= 1 and "macro_f1" in r["metrics"]
+    text = capsys.readouterr().out
+    assert "| k " in text and "support" in text  # the per-class table
+    assert "images/s" in text and "macro-F1" in text and str(out) in text
+    # probabilities as CSV; the recorded val split, its hash checked
+    r = infer.main([ck, "--data", str(tiny_idx), "--out", str(tmp_path / "v.csv"), "--split",
+                    "val", "--return-probs", "--probs-format", "csv", "--quiet"])  # fmt: skip
+    assert r["split"] == "val" and r["images"] == 12
+    assert len(pd.read_csv(tmp_path / "v.probs.csv")) == 12
+
+
+def test_val_hash_mismatch_exits_2(tiny_idx, tmp_path, capsys):
+    ck = save_ckpt(tmp_path / "a.pt", tiny_idx)
+    raw = torch.load(ck, weights_only=True)
+    raw["split"]["val_hash"] = "0" * 16
+    torch.save(raw, tmp_path / "b.pt")
+    code, err = run_cli(
+        [str(tmp_path / "b.pt"), "--data", str(tiny_idx), "--split", "val", "--out",
+         str(tmp_path / "s.csv")], capsys
+    )  # fmt: skip
+    assert code == 2 and "validation split" in err and "b.pt" in err
+
+
+def test_weighted_ensemble_equals_hand_average(tiny_idx, tmp_path):
+    a = save_ckpt(tmp_path / "a.pt", tiny_idx, seed=1)
+    b = save_ckpt(tmp_path / "b.pt", tiny_idx, seed=2)
+    base = ["--data", str(tiny_idx), "--return-probs", "--quiet", "--tta", "flip"]
+    for name, ck in (("pa", [a]), ("pb", [b]), ("ens", [a, b])):
+        extra = ["--weights", "1.5,1"] if name == "ens" else []
+        infer.main([*ck, *base, "--out", str(tmp_path / f"{name}.csv"), *extra])
+    _, pa, _, _ = vote.read_probs(tmp_path / "pa.csv")
+    _, pb, _, _ = vote.read_probs(tmp_path / "pb.csv")
+    ids, pe, _, _ = vote.read_probs(tmp_path / "ens.csv")
+    assert np.allclose(pe, (1.5 * pa + pb) / 2.5, atol=1e-6)
+    assert not np.allclose(pa, pb, atol=1e-3)
+
+
+def test_weights_count_must_match(tiny_idx, tmp_path, capsys):
+    a = save_ckpt(tmp_path / "a.pt", tiny_idx)
+    code, err = run_cli([a, "--data", str(tiny_idx), "--weights", "1,2"], capsys)
+    assert code == 2 and "--weights" in err
+
+
+def test_class_mismatch_exits_2_naming_both(tiny_idx, tmp_path, capsys):
+    a = save_ckpt(tmp_path / "first.pt", tiny_idx)
+    b = save_ckpt(tmp_path / "second.pt", tiny_idx, classes=["x", "y", "z"])
+    code, err = run_cli([a, b, "--data", str(tiny_idx), "--out", str(tmp_path / "s.csv")], capsys)
+    assert code == 2 and "first.pt" in err and "second.pt" in err and "classes" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_rot90_tta_needs_rotation_training(tiny_idx, tmp_path, capsys):
+    plain = save_ckpt(tmp_path / "plain.pt", tiny_idx, aug="flip,crop")
+    argv = ["--data", str(tiny_idx), "--tta", "rot90", "--out", str(tmp_path / "s.csv"), "--quiet"]
+    code, err = run_cli([plain, *argv], capsys)
+    assert code == 2 and "--force-tta" in err and "plain.pt" in err
+    assert len(infer.main([plain, *argv, "--force-tta"])["views"]) == 4
+    rot = save_ckpt(tmp_path / "rot.pt", tiny_idx, aug="flip,rot90")
+    assert infer.main([rot, *argv])["views"] == ["id", "rot90", "rot180", "rot270"]
+
+
+def make_multilabel(root, n=24, seed=0):
+    """A CSV multi-label data set: bright top half -> cat, bright left half -> dog, owl random."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = ["id,cat,dog,owl"]
+    for i in range(n):
+        a = rng.integers(0, 60, (16, 16))
+        c, d, o = i % 2, (i // 2) % 2, int(rng.integers(0, 2))
+        a[:8] += 150 * c
+        a[:, :8] += 90 * d
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(root / f"{i:03d}.png")
+        rows.append(f"{i:03d},{c},{d},{o}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_multilabel_threshold_and_tuning(tmp_path, capsys):
+    root = make_multilabel(tmp_path / "ml")
+    ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
+    out = tmp_path / "sub.csv"
+    r = infer.main([ck, "--data", str(root), "--out", str(out), "--threshold", "0.45",
+                    "--return-probs", "--tta", "rot90", "--force-tta", "--quiet"])  # fmt: skip
+    assert r["split"] == "all" and r["images"] == 24
+    df = pd.read_csv(out, dtype={"index": str})
+    assert list(df.columns) == ["index", "cat", "dog", "owl"] and df["index"].tolist()[0] == "000"
+    ids, probs, classes, ml = vote.read_probs(out)
+    assert ml and classes == ["cat", "dog", "owl"]
+    assert (df[CLS].to_numpy() == (probs >= 0.45)).all()
+    assert "exact-match accuracy" in capsys.readouterr().out
+    # per-class thresholds tuned on the checkpoint's val split, saved beside the output
+    out2 = tmp_path / "tuned.csv"
+    r = infer.main([ck, "--data", str(root), "--out", str(out2), "--tune-threshold", "f1",
+                    "--return-probs", "--quiet"])  # fmt: skip
+    tfile = tmp_path / "tuned.thresholds.json"
+    assert r["thresholds"]["file"] == str(tfile) and tfile.exists()
+    assert r["thresholds"]["tuned"] >= r["thresholds"]["at_0.5"]
+
+    thr = np.array(json.loads(tfile.read_text())["thresholds"])
+    assert thr.shape == (3,) and ((thr >= 0.05) & (thr <= 0.95)).all()
+    _, p2, _, _ = vote.read_probs(out2)
+    sub = pd.read_csv(out2)[CLS].to_numpy()
+    assert (sub == (p2 >= thr)).all()
+    # the saved thresholds can be reused
+    out3 = tmp_path / "again.csv"
+    infer.main([ck, "--data", str(root), "--out", str(out3), "--threshold", str(tfile), "--quiet"])
+    assert (pd.read_csv(out3)[CLS].to_numpy() == sub).all()
+
+
+def test_unlabelled_image_folder(tmp_path, tiny_idx, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, a in enumerate(rand_images(5).numpy()):
+        Image.fromarray(a[0]).save(d / f"img{4 - i}.png")
+    ck = save_ckpt(tmp_path / "a.pt", tiny_idx)
+    r = infer.main([ck, "--data", str(d), "--out", str(tmp_path / "s.csv"), "--quiet"])
+    df = pd.read_csv(tmp_path / "s.csv")
+    assert r["split"] == "all" and r["metrics"] is None
+    assert df["id"].tolist() == [f"img{i}" for i in range(5)]
+    code, err = run_cli([ck, "--data", str(d), "--split", "test"], capsys)
+    assert code == 2 and "--split all" in err
