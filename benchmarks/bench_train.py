@@ -1,0 +1,172 @@
+"""Training throughput: our loop vs a per-sample DataLoader pipeline vs a bare tensor loop.
+
+    python benchmarks/bench_train.py [--data ../shared/data/fashion-mnist] [--images 10240]
+
+Same model, batch size, optimizer, AMP setting and CPU threads for all three, measured in one run:
+  (a) train.fit: tensor-resident data, batched flip + pad-crop on the device (the real loop),
+  (b) torchvision Dataset of PIL images + transforms + DataLoader(num_workers=2),
+  (c) a tight loop over pre-made tensors with no augmentation (the limit).
+Prints images/s and the ratios a/b and a/c for timm resnet18 and the default smallnet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+from common import format_table  # noqa: E402
+
+
+def ours(path: str, arch: str, n: int, bs: int, amp: str, threads: int) -> float:
+    """images/s of train.fit's 2nd epoch (its own metric; the 1st warms up kernels)."""
+    with tempfile.TemporaryDirectory() as out:
+        args = train.build_parser().parse_args(
+            [
+                "--data",
+                path,
+                "--model",
+                arch,
+                "--epochs",
+                "1",
+                "--batch-size",
+                str(bs),
+                "--labels-per-class",
+                str(n // 10),
+                "--out",
+                out,
+                "--name",
+                "b",
+                "--quiet",
+                "--amp",
+                amp,
+                "--threads",
+                str(threads),
+                "--warmup-epochs",
+                "0",
+                "--lr",
+                "0.05",
+                "--val-ratio",
+                "0.01",
+            ]
+        )
+        train.fit(args)
+        row = json.loads((Path(out) / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    return row["images_per_s"]
+
+
+def _step_fn(model, opt, amp):
+    def step(x, y):
+        with models.autocast("cpu", amp):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _setup(arch, in_chans, hw, threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = models.create_model(arch, 10, in_chans, hw).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    return m, opt
+
+
+def _warm_up(step, images, labels, bs: int, n: int = 5) -> None:
+    """First steps build (bf16) kernels; keep them out of every measurement."""
+    x = torch.randn(bs, *images.shape[1:]).contiguous(memory_format=torch.channels_last)
+    for _ in range(n):
+        step(x, labels[:bs])
+
+
+def per_sample(images, labels, mean, std, arch, bs, amp, threads) -> float:
+    """images/s of the classic torchvision pipeline: PIL images, transforms, 2 workers."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    class PilSet(torch.utils.data.Dataset):
+        def __init__(self):
+            self.tf = T.Compose(
+                [
+                    T.RandomHorizontalFlip(),
+                    T.RandomCrop(images.shape[-1], 2),
+                    T.ToTensor(),
+                    T.Normalize(mean, std),
+                ]
+            )
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(images[i, 0].numpy())), int(labels[i])
+
+    m, opt = _setup(arch, images.shape[1], list(images.shape[2:]), threads)
+    step = _step_fn(m, opt, amp)
+    _warm_up(step, images, labels, bs)
+    loader = torch.utils.data.DataLoader(
+        PilSet(), bs, shuffle=True, num_workers=2, drop_last=True, persistent_workers=False
+    )
+    seen, t0 = 0, time.perf_counter()
+    for x, y in loader:
+        step(x.contiguous(memory_format=torch.channels_last), y)
+        seen += len(x)
+    return seen / (time.perf_counter() - t0)
+
+
+def bare(images, labels, mean, std, arch, bs, amp, threads) -> float:
+    """images/s of a tight loop over pre-normalised tensors, no augmentation."""
+    m, opt = _setup(arch, images.shape[1], list(images.shape[2:]), threads)
+    step = _step_fn(m, opt, amp)
+    _warm_up(step, images, labels, bs)
+    x_all = data.normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+    idx = data.batch_indices(len(images), bs, False, drop_last=True)
+    t0 = time.perf_counter()
+    for b in idx:
+        step(x_all[b], labels[b])
+    return len(idx) * bs / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/fashion-mnist"))
+    p.add_argument("--images", type=int, default=10240, help="training images per measurement")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--amp", default="auto", help="same AMP for all three (auto: bf16 if fast)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", default="smallnet_s,resnet18")
+    a = p.parse_args()
+    amp = models.resolve_amp("cpu", a.amp)
+    full, _ = data.load_split(a.data, "train")
+    sub = full.subset(train.labelled_subset(full.labels, a.images // 10, 0))
+    mean, std = data.mean_std(sub.images)
+    rows = []
+    for arch in a.models.split(","):
+        n = a.images if arch.startswith("smallnet") else a.images // 4  # resnet18 is slow on CPU
+        s = sub.subset(range(n))
+        ra = ours(a.data, arch, n, a.batch_size, amp, a.threads)
+        rb = per_sample(s.images, s.labels, mean, std, arch, a.batch_size, amp, a.threads)
+        rc = bare(s.images, s.labels, mean, std, arch, a.batch_size, amp, a.threads)
+        rows.append([arch, round(ra), round(rb), round(rc), f"{ra / rb:.2f}", f"{ra / rc:.2f}"])
+        print(f"{arch}: ours {ra:.0f}  per-sample {rb:.0f}  bare {rc:.0f} img/s", flush=True)
+    print(f"\namp={amp}, threads={a.threads}, batch {a.batch_size}")
+    print(format_table(rows, ["model", "a: ours", "b: per-sample", "c: bare", "a/b", "a/c"]))
+
+
+if __name__ == "__main__":
+    main()
