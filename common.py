@@ -34,10 +34,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
+        above = parent.absolute()
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        why = f"{above} is a file, not a directory" if above.is_file() else e.strerror
         raise UserError(
-            f"{path}: cannot write here ({e.strerror}); choose a writable --out directory"
+            f"{path}: cannot write here ({why}); choose a writable --out directory"
         ) from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file open()'s usual mode
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -220,3 +227,17 @@ def ensure_new_output(path: str | os.PathLike, marker: str, overwrite: bool) -> 
             f"{path}: already holds a finished run ({marker}); pass --overwrite, --resume, "
             "or a new --name"
         )
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> None:
+    """UserError now, before any long work, when directory `path` cannot be created or written."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(
+            f"{flag} {path}: {probe} is a file, so no directory can be made under it; "
+            f"choose another {flag}"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable; choose another {flag}")

@@ -102,7 +102,7 @@ class ImageSet:
         pos = t.tolist()
         return replace(
             self,
-            images=self.images[t],
+            images=self.images.take(t) if isinstance(self.images, LazyImages) else self.images[t],
             labels=self.labels[t],
             ids=[self.ids[i] for i in pos],
             groups=None if self.groups is None else [self.groups[i] for i in pos],
@@ -452,6 +452,11 @@ def decode_images(
 
     # Decode the first image alone to learn the size, then pick threads or not.
     head = fn(paths[0]) if n else None
+    if isinstance(head, np.ndarray):
+        need = estimate_bytes(n, opts.in_chans or (3 if head.ndim == 3 else 1), *head.shape[:2])
+        budget = memory_budget()
+        if budget is not None and need > budget:
+            return _lazy_images(paths, opts, source, budget)
     workers = 1
     if isinstance(head, np.ndarray) and head.size >= THREAD_MIN_PIXELS:
         workers = min(8, os.cpu_count() or 1)
@@ -504,6 +509,134 @@ def _chain(*its: Iterable) -> Iterator:
         yield from it
 
 
+# ---------------------------------------------------------------------------
+# Streaming from disk: when the decoded set would not fit in the memory budget
+
+
+class LazyImages:
+    """Image files decoded on demand: a stand-in for the N x C x H x W uint8 tensor.
+
+    images[idx] (an index tensor, list or int) decodes those files at `size` with `channels`
+    into a uint8 tensor on `device`, so train.py's per-batch images[idx] works unchanged.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], channels: int, device="cpu"):
+        self.paths = list(paths)
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = int(channels)
+        self.device = torch.device(device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), self.channels, *self.size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dim(self) -> int:
+        return 4
+
+    def to(self, device=None, *args, **kwargs) -> LazyImages:
+        """The same files, decoded onto `device` from now on (nothing is copied now)."""
+        if device is None or isinstance(device, torch.dtype):
+            return self
+        return LazyImages(self.paths, self.size, self.channels, device)
+
+    def take(self, idx) -> LazyImages:
+        """The images at positions idx, still lazy (ImageSet.subset)."""
+        pos = torch.as_tensor(idx).reshape(-1).tolist()
+        return LazyImages([self.paths[i] for i in pos], self.size, self.channels, self.device)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, (int, np.integer)):
+            return self[[int(idx)]][0]
+        if isinstance(idx, slice):
+            pos = list(range(len(self))[idx])
+        else:
+            pos = torch.as_tensor(idx).reshape(-1).tolist()
+        files = [self.paths[i] for i in pos]
+        h, w = self.size
+        out = np.empty((len(files), self.channels, h, w), dtype=np.uint8)
+        big = h * w >= THREAD_MIN_PIXELS and len(files) > 1
+        workers = min(8, os.cpu_count() or 1) if big else 1
+        decoded = _imap(lambda f: _decode_file(f, self.size, self.channels), files, workers)
+        for k, (f, a) in enumerate(zip(files, decoded)):
+            if isinstance(a, str):
+                raise UserError(f"{f}: cannot read image ({a}); replace or delete it")
+            if a.shape[:2] != (h, w):
+                raise UserError(f"{f}: decoded as {a.shape[0]}x{a.shape[1]}, not {h}x{w}")
+            out[k] = a.transpose(2, 0, 1) if a.ndim == 3 else a
+        return torch.from_numpy(out).to(self.device)
+
+
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_STREAMING: set[str] = set()  # sources already announced as streamed
+
+
+def _probe(path: Path):
+    """(height, width, is_colour) from the file header, or the error text."""
+    try:
+        with Image.open(path) as im:
+            colour = im.mode not in _GREY_MODES
+            if im.mode in ("P", "PA"):
+                pal = np.asarray(im.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
+                colour = bool((pal != pal[:, :1]).any())
+            return im.size[1], im.size[0], colour
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _lazy_images(
+    paths: Sequence[Path], opts: Opts, source: str, budget: int
+) -> tuple[LazyImages, list[int], list[str]]:
+    """Header scan of every file (readable? size? colour?), then LazyImages over the good ones.
+
+    Pixels are decoded only per batch, so a file corrupt past its header fails then.
+    """
+    kept: list[int] = []
+    skipped: list[str] = []
+    first = None
+    colour = False
+    for i, r in enumerate(_imap(_probe, paths, min(8, os.cpu_count() or 1))):
+        p = paths[i]
+        if isinstance(r, str):
+            if not opts.skip_bad_images:
+                raise UserError(
+                    f"{p}: cannot read image ({r}); replace or delete it, or pass --skip-bad-images"
+                )
+            skipped.append(str(p))
+            continue
+        if first is None:
+            first = (p, r[:2])
+        elif opts.img_size is None and r[:2] != first[1]:
+            raise UserError(
+                f"{p}: image is {r[0]}x{r[1]} but {first[0]} is {first[1][0]}x{first[1][1]}; "
+                "images differ in size: pass --img-size N to resize them at load time"
+            )
+        colour = colour or r[2]
+        kept.append(i)
+    if first is None:
+        raise UserError(f"{source}: no readable images; check the files or the layout")
+    size = opts.img_size or first[1]
+    c = opts.in_chans or (3 if colour else 1)
+    need = estimate_bytes(len(kept), c, *size)
+    if source not in _STREAMING:  # once per data set (train and val come from one load)
+        _STREAMING.add(source)
+        print(
+            f"streaming from disk: {source}: {len(kept)} images of {c}x{size[0]}x{size[1]} would "
+            f"need {need / 2**30:.3g} GB, {budget / 2**30:.3g} GB available (half of free "
+            "memory, or $IMGCLS_MAX_RAM_GB); decoding each batch from the files (slower)",
+            file=sys.stderr,
+        )
+    return LazyImages([paths[i] for i in kept], size, c), kept, skipped
+
+
 def _array_to_opts(a: np.ndarray, opts: Opts) -> np.ndarray:
     """Channel conversion and resizing for formats stored as raw pixel arrays (N x C x H x W)."""
     if opts.in_chans == 3 and a.shape[1] == 1:
@@ -529,9 +662,8 @@ def _resize_array(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _imageset(images: np.ndarray, labels, ids, classes, **kw) -> ImageSet:
     lab = torch.from_numpy(np.asarray(labels))
-    return ImageSet(
-        images=torch.from_numpy(images), labels=lab, ids=list(ids), classes=classes, **kw
-    )
+    x = images if isinstance(images, LazyImages) else torch.from_numpy(images)
+    return ImageSet(images=x, labels=lab, ids=list(ids), classes=classes, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -990,6 +1122,13 @@ def _table_source(
             ids = [Path(v).with_suffix("").as_posix() for v in ids]
     else:
         ids = [p.stem for p in paths]
+    first_row: dict[str, int] = {}
+    for row, i in enumerate(ids, start=2):
+        if first_row.setdefault(i, row) != row:
+            raise UserError(
+                f"{where}: rows {first_row[i]} and {row} have the same id '{i}'; list each "
+                "image once (--oversample repeats a class)"
+            )
     groups = df[spec.group_col].astype(str).tolist() if spec.group_col in df.columns else None
 
     def decode() -> ImageSet:
@@ -1361,6 +1500,9 @@ def _cache_read(paths: dict[str, Path]) -> ImageSet | None:
         return None
     try:
         meta = json.loads(paths["json"].read_text(encoding="utf-8"))
+        budget = memory_budget()
+        if budget is not None and estimate_bytes(*meta.get("shape", [0])) > budget:
+            return None  # too big for RAM now: the format loader streams it (or says so)
         x = np.load(paths["images.npy"], allow_pickle=False)
         y = np.load(paths["labels.npy"], allow_pickle=False)
         if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(meta["ids"]) or len(y) != len(x):
@@ -1453,7 +1595,7 @@ def load_images(
             f"data.py: warning: skipped {len(sk)} unreadable image(s), first: {sk[0]}",
             file=sys.stderr,
         )
-    if paths is not None:
+    if paths is not None and not isinstance(ds.images, LazyImages):
         _cache_write(paths, ds, t.seconds)
         ds.info["cache_path"] = str(paths["json"])
     return ds
@@ -1657,7 +1799,12 @@ def split_args(record: dict) -> dict:
 
 
 def mean_std(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 N x C x H x W images, on the 0..1 scale."""
+    """Per-channel mean and std of uint8 N x C x H x W images, on the 0..1 scale.
+
+    LazyImages (streamed from disk): estimated from at most 2048 evenly spaced images.
+    """
+    if isinstance(images, LazyImages):
+        images = images[torch.linspace(0, len(images) - 1, min(len(images), 2048)).long()]
     c = images.shape[1]
     if len(images) == 0:
         return [0.0] * c, [1.0] * c

@@ -50,7 +50,7 @@ import torch.nn as nn
 
 import models
 import train
-from common import UserError, cli_errors, format_table, parse_args, write_json
+from common import UserError, atomic_path, cli_errors, format_table, parse_args, write_json
 
 GRID_SIZE = 72
 GRID_SEED = 1234
@@ -377,7 +377,8 @@ def write_wise(run_dir: Path, start: dict, args) -> dict:
         "wise_alpha": args.wise_alpha,
         "finetuned_val_acc": ft.get("val_acc"),
     }
-    shutil.copyfile(best, run_dir / "best_finetuned.pt")
+    with atomic_path(run_dir / "best_finetuned.pt") as tmp:
+        shutil.copyfile(best, tmp)
     meta = {k: v for k, v in ck.items() if k not in ("format", "state_dict", "created", "torch")}
     models.save_checkpoint(best, sd, {**meta, "metrics": metrics})
     result = {

@@ -488,7 +488,9 @@ def _torch_load(path) -> object:
     if p.is_dir():
         raise UserError(f"{path}: is a directory; pass a checkpoint file such as {p / 'best.pt'}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before our error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
             raise UserError(

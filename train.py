@@ -36,12 +36,14 @@ from common import (
     UserError,
     add_common_flags,
     append_jsonl,
+    check_writable_dir,
     cli_errors,
     format_table,
     parse_args,
     progress,
     read_jsonl,
     write_json,
+    write_jsonl,
 )
 
 
@@ -453,6 +455,8 @@ def fit(args, hooks: dict | None = None) -> dict:
     resume_path = _resume_path(args, run_dir)
     if is_main and resume_path is None:
         _check_fresh_run_dir(run_dir, args.overwrite)
+    if is_main:
+        check_writable_dir(run_dir, "--out")
 
     train_set, val_set, record = load_data(args)
     rotation = args.task == "rotation"
@@ -521,6 +525,7 @@ def fit(args, hooks: dict | None = None) -> dict:
     if resume_path is not None:
         _restore(resume_path, model, ema, opt, scaler, state, aug_gen, args)
         if is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", state["epoch"])
             print(
                 f"resumed from {resume_path} at epoch {state['epoch'] + 1}, batch {state['batch']}"
             )
@@ -587,7 +592,8 @@ def fit(args, hooks: dict | None = None) -> dict:
                 initial=start_batch,
             )
             for b in bar:
-                if interrupted["flag"]:
+                # stop between optimizer steps: gradients accumulated so far are not saved
+                if interrupted["flag"] and b % args.accum_steps == 0:
                     raise KeyboardInterrupt
                 idx = batches[b].to(device, non_blocking=True)
                 loss_val = _train_step(
@@ -656,13 +662,18 @@ def fit(args, hooks: dict | None = None) -> dict:
                 _save_last(run_dir, model, ema, opt, scaler, state, aug_gen, meta)
     except KeyboardInterrupt:
         if is_main:
-            if state["batch"] > 0:
+            # A second Ctrl-C can land inside a step (model half-updated): keep the last
+            # consistent last.pt rather than saving that state.
+            if state["batch"] > 0 and not interrupted.get("abort"):
                 _save_last(run_dir, model, ema, opt, scaler, state, aug_gen, meta)
-            print(
-                f"\ninterrupted: saved {run_dir / 'last.pt'}; continue with the same command "
-                "plus --resume",
-                file=sys.stderr,
+            last = run_dir / "last.pt"
+            msg = (
+                f"interrupted: {last} holds the state to continue from; rerun the same command "
+                "plus --resume"
+                if last.exists()
+                else "interrupted before the first checkpoint; nothing to resume, rerun the command"
             )
+            print(f"\n{msg}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         if old_handler is not None:
@@ -913,6 +924,17 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63)
 
 
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Drop log rows past the resume point (killed after logging an epoch, before its last.pt)
+    and a torn last line, so the resumed run appends to a clean log."""
+    if not path.exists():
+        return
+    rows = read_jsonl(path)
+    keep = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+    if len(keep) != len(rows) or not path.read_text(encoding="utf-8").endswith("\n"):
+        write_jsonl(path, keep)
+
+
 def _resume_path(args, run_dir: Path) -> Path | None:
     if not args.resume:
         return None
@@ -983,6 +1005,7 @@ def _install_sigint(flag: dict):
 
     def handler(signum, frame):
         if flag["flag"]:
+            flag["abort"] = True
             raise KeyboardInterrupt
         flag["flag"] = True
         print("\nCtrl-C: saving last.pt after this step (press again to abort)", file=sys.stderr)
