@@ -356,14 +356,11 @@ def write_wise(run_dir: Path, start: dict, args) -> dict:
     model = models.model_from_checkpoint({**ck, "state_dict": sd})
     _, val_set, _ = train.load_data(args)
     device = models.resolve_device(args.device)
-    m = train.evaluate(
+    m = train.evaluate_checkpoint(
         model.to(device),
+        ck,
         val_set.images,
         val_set.labels,
-        ck["mean"],
-        ck["std"],
-        ck["multi_label"],
-        ck.get("task", "classify"),
         batch_size=args.eval_batch_size,
         device=device,
         amp=args.amp,

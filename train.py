@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -355,6 +356,22 @@ def evaluate(
     return metrics_from_probs(probs, labels, multi_label)
 
 
+def evaluate_checkpoint(
+    model: nn.Module, ck: dict, images: torch.Tensor, labels: torch.Tensor, **kw
+) -> dict:
+    """evaluate() with the normalisation, label kind and task a checkpoint records."""
+    return evaluate(
+        model,
+        images,
+        labels,
+        ck["mean"],
+        ck["std"],
+        ck["multi_label"],
+        ck.get("task", "classify"),
+        **kw,
+    )
+
+
 def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     xr, _ = data.rotate_batch(x)
     p = model(xr).float().softmax(1)  # 4N x 4, grouped by rotation
@@ -556,6 +573,22 @@ def fit(args, hooks: dict | None = None) -> dict:
             f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}"
         )
 
+    loop = SimpleNamespace(
+        args=args,
+        loss_fn=loss_fn,
+        opt=opt,
+        scaler=scaler,
+        aug=aug,
+        aug_gen=aug_gen,
+        mean=mean,
+        std=std,
+        device=device,
+        multi_label=multi_label,
+        num_classes=num_classes,
+        total_steps=total_steps,
+        warmup=warmup,
+        milestones=milestones,
+    )
     interrupted = {"flag": False}
     old_handler = _install_sigint(interrupted) if is_main else None
     eval_kw = dict(
@@ -596,28 +629,7 @@ def fit(args, hooks: dict | None = None) -> dict:
                 if interrupted["flag"] and b % args.accum_steps == 0:
                     raise KeyboardInterrupt
                 idx = batches[b].to(device, non_blocking=True)
-                loss_val = _train_step(
-                    train_model,
-                    images[idx],
-                    labels[idx],
-                    idx,
-                    b,
-                    args,
-                    loss_fn,
-                    opt,
-                    scaler,
-                    aug,
-                    aug_gen,
-                    mean,
-                    std,
-                    device,
-                    multi_label,
-                    num_classes,
-                    state,
-                    total_steps,
-                    warmup,
-                    milestones,
-                )
+                loss_val = _train_step(train_model, images[idx], labels[idx], b, loop, state)
                 if ema is not None and (b + 1) % args.accum_steps == 0:
                     # warm-up (as timm's ModelEma): early averages do not drag in the random init
                     n = state["step"]
@@ -699,62 +711,44 @@ def fit(args, hooks: dict | None = None) -> dict:
     return result
 
 
-def _train_step(
-    model,
-    x_u8,
-    y,
-    idx,
-    b,
-    args,
-    loss_fn,
-    opt,
-    scaler,
-    aug,
-    aug_gen,
-    mean,
-    std,
-    device,
-    multi_label,
-    num_classes,
-    state,
-    total_steps,
-    warmup,
-    milestones,
-) -> float:
+def _train_step(model, x_u8, y, b: int, loop: SimpleNamespace, state: dict) -> float:
     """One forward/backward on a batch; steps the optimizer every --accum-steps batches."""
-    x = data.normalize(x_u8, mean, std)
-    if aug:
-        x = data.augment_batch(x, aug, aug_gen, pad=args.pad)
-    if args.task == "rotation":
+    x = data.normalize(x_u8, loop.mean, loop.std)
+    if loop.aug:
+        x = data.augment_batch(x, loop.aug, loop.aug_gen, pad=loop.args.pad)
+    if loop.args.task == "rotation":
         x, y = data.rotate_batch(x)
-        y = y.to(device)
-    elif args.mix != "none" and torch.rand((), generator=aug_gen).item() < args.mix_prob:
-        y_soft = y.float() if multi_label else F.one_hot(y, num_classes).float()
-        x, y = data.mix_batch(x, y_soft, args.mix, args.mix_alpha, aug_gen)
-    if args.channels_last:
+        y = y.to(loop.device)
+    elif (
+        loop.args.mix != "none"
+        and torch.rand((), generator=loop.aug_gen).item() < loop.args.mix_prob
+    ):
+        y_soft = y.float() if loop.multi_label else F.one_hot(y, loop.num_classes).float()
+        x, y = data.mix_batch(x, y_soft, loop.args.mix, loop.args.mix_alpha, loop.aug_gen)
+    if loop.args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with models.autocast(device, args.amp):
+    with models.autocast(loop.device, loop.args.amp):
         out = model(x)
-    loss = loss_fn(out.float(), y)
-    scaler.scale(loss / args.accum_steps).backward()
-    if (b + 1) % args.accum_steps == 0:
+    loss = loop.loss_fn(out.float(), y)
+    loop.scaler.scale(loss / loop.args.accum_steps).backward()
+    if (b + 1) % loop.args.accum_steps == 0:
         scale = state["plateau_scale"] * lr_factor(
             state["step"],
-            total_steps,
-            warmup,
-            args.sched,
-            milestones,
-            args.gamma,
-            args.min_lr_ratio,
+            loop.total_steps,
+            loop.warmup,
+            loop.args.sched,
+            loop.milestones,
+            loop.args.gamma,
+            loop.args.min_lr_ratio,
         )
-        for g in opt.param_groups:
-            g["lr"] = args.lr * scale * g.get("lr_scale", 1.0)
-        if args.clip_grad:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        for g in loop.opt.param_groups:
+            g["lr"] = loop.args.lr * scale * g.get("lr_scale", 1.0)
+        if loop.args.clip_grad:
+            loop.scaler.unscale_(loop.opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), loop.args.clip_grad)
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+        loop.opt.zero_grad(set_to_none=True)
         state["step"] += 1
     return loss.item()
 
@@ -891,15 +885,7 @@ def _eval_test(args, run_dir: Path, eval_kw: dict) -> dict:
     for key, name in (("test_acc", "best.pt"), ("ema_test_acc", "best_ema.pt")):
         if (run_dir / name).exists():
             m, ck = models.load_model(run_dir / name, eval_kw["device"])
-            r = evaluate(
-                m,
-                test_set.images,
-                test_set.labels,
-                ck["mean"],
-                ck["std"],
-                ck["multi_label"],
-                **eval_kw,
-            )
+            r = evaluate_checkpoint(m, ck, test_set.images, test_set.labels, **eval_kw)
             out[key] = r["acc"]
     write_json(run_dir / "test_metrics.json", out)
     return out
@@ -1066,14 +1052,11 @@ def eval_only(args) -> dict:
             file=sys.stderr,
         )
     with Timer() as t:
-        m = evaluate(
+        m = evaluate_checkpoint(
             model,
+            ck,
             ds.images,
             ds.labels,
-            ck["mean"],
-            ck["std"],
-            ck["multi_label"],
-            ck.get("task", "classify"),
             batch_size=args.eval_batch_size,
             device=device,
             amp=args.amp,
