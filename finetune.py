@@ -54,7 +54,9 @@ from common import UserError, atomic_path, cli_errors, format_table, parse_args,
 
 GRID_SIZE = 72
 GRID_SEED = 1234
-LR_RANGE = {"sgd": (0.01, 0.3), "adam": (1e-5, 3e-3), "adamw": (1e-5, 3e-3)}
+# Fine-tuning lrs stay well below the from-scratch peak (0.2 for SGD) so that every ingredient
+# stays in the start's basin: soups of ingredients that left it collapse (Wortsman et al. 2022).
+LR_RANGE = {"sgd": (0.005, 0.05), "adam": (1e-5, 1e-3), "adamw": (1e-5, 1e-3)}
 WD_RANGE = {"sgd": (1e-5, 2e-3), "adam": (1e-6, 1e-4), "adamw": (1e-4, 0.5)}
 DEFAULT_LR = {"sgd": 0.2, "adam": 2e-3, "adamw": 2e-3}  # train.py's defaults
 DEFAULT_WD = {"sgd": 5e-4, "adam": 1e-5, "adamw": 0.05}

@@ -487,6 +487,12 @@ def _torch_load(path) -> object:
         raise UserError(f"{path}: no such checkpoint; check the path (e.g. runs/NAME/best.pt)")
     if p.is_dir():
         raise UserError(f"{path}: is a directory; pass a checkpoint file such as {p / 'best.pt'}")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch zip or raw pickle
+        raise UserError(
+            f"{path}: corrupt or not a PyTorch checkpoint file; pass a .pt from torch.save"
+        )
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -63,7 +63,7 @@ def test_grid_is_fixed_and_listed(capsys):
     pts = [finetune.grid_point(i) for i in range(finetune.GRID_SIZE)]
     assert len(pts) == 72 and pts == [finetune.grid_point(i) for i in range(72)]
     assert pts[0]["freeze_backbone"] and not any(p["freeze_backbone"] for p in pts[1:])
-    assert all(0.01 <= p["lr"] <= 0.3 and 1 <= p["epochs"] <= 4 for p in pts[1:])
+    assert all(0.005 <= p["lr"] <= 0.05 and 1 <= p["epochs"] <= 4 for p in pts[1:])
     assert 20 <= sum(p["smoothing"] > 0 for p in pts[1:]) <= 50
     assert all(0 <= p["smoothing"] <= 0.225 for p in pts)
     assert 20 <= sum(p["mix"] != "none" for p in pts[1:]) <= 50
