@@ -35,7 +35,9 @@ def test_supervised_two_epochs(tiny_idx, tmp_path, capsys):
     assert keys <= set(log[0])
     assert log[1]["images_per_s"] > 0
     ck = models.load_checkpoint(d / "best.pt")
-    assert ck["task"] == "classify" and ck["num_classes"] == len(ck["classes"]) and ck["in_chans"] == 1
+    assert (
+        ck["task"] == "classify" and ck["num_classes"] == len(ck["classes"]) and ck["in_chans"] == 1
+    )
     assert ck["split"]["val_hash"] and ck["split"]["val_ratio"] == 0.1
     assert 0.0 <= summary["test_acc"] <= 1.0
     assert "best val acc" in capsys.readouterr().out
