@@ -337,17 +337,8 @@ def check_tta(names: Sequence[str], ckpts, force: bool) -> None:
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
     """--weights 1.5,1,1 -> one non-negative weight per checkpoint (None: equal)."""
-    if text is None:
-        return None
-    try:
-        w = [float(x) for x in str(text).replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise UserError(f"--weights {text}: not numbers; give one per CKPT like 1.5,1,1") from None
-    if len(w) != n:
-        raise UserError(f"--weights {text}: {len(w)} values for {n} checkpoints; give one per CKPT")
-    if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-        raise UserError(f"--weights {text}: needs non-negative numbers with a positive sum")
-    return w
+    w = vote.parse_weights(text, n, what="checkpoints")
+    return None if w is None else w.tolist()
 
 
 # ---------------------------------------------------------------------------

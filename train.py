@@ -598,6 +598,15 @@ def fit(args, hooks: dict | None = None) -> dict:
         channels_last=args.channels_last,
         quiet=args.quiet,
     )
+    loop.__dict__.update(
+        model=model,
+        ema=ema,
+        val_set=val_set,
+        eval_kw=eval_kw,
+        meta=meta,
+        run_dir=run_dir,
+        is_main=is_main,
+    )
     summary_rows = []
     try:
         for epoch in range(state["epoch"], args.epochs):
@@ -651,23 +660,7 @@ def fit(args, hooks: dict | None = None) -> dict:
             part["seconds"] += time.perf_counter() - t0
             if world > 1:
                 _average_buffers(model, world)
-            row = _end_epoch(
-                epoch,
-                args,
-                model,
-                ema,
-                val_set,
-                mean,
-                std,
-                multi_label,
-                eval_kw,
-                part,
-                opt,
-                state,
-                meta,
-                run_dir,
-                is_main,
-            )
+            row = _end_epoch(epoch, loop, part, state)
             summary_rows.append(row)
             state["epoch"], state["batch"] = epoch + 1, 0
             if is_main:
@@ -753,24 +746,11 @@ def _train_step(model, x_u8, y, b: int, loop: SimpleNamespace, state: dict) -> f
     return loss.item()
 
 
-def _end_epoch(
-    epoch,
-    args,
-    model,
-    ema,
-    val_set,
-    mean,
-    std,
-    multi_label,
-    eval_kw,
-    part,
-    opt,
-    state,
-    meta,
-    run_dir,
-    is_main,
-) -> dict:
+def _end_epoch(epoch: int, loop: SimpleNamespace, part: dict, state: dict) -> dict:
     """Evaluate, log a metrics row, save best.pt / best_ema.pt."""
+    args, model, ema, val_set, opt = loop.args, loop.model, loop.ema, loop.val_set, loop.opt
+    mean, std, multi_label, eval_kw = loop.mean, loop.std, loop.multi_label, loop.eval_kw
+    meta, run_dir, is_main = loop.meta, loop.run_dir, loop.is_main
     m = evaluate(
         model, val_set.images, val_set.labels, mean, std, multi_label, args.task, **eval_kw
     )

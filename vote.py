@@ -656,7 +656,8 @@ def _is_probs_file(path: str) -> bool:
     return str(path).endswith((".npy", ".probs.csv"))
 
 
-def _parse_weights(text: str | None, n: int) -> np.ndarray | None:
+def parse_weights(text: str | None, n: int, what: str = "files") -> np.ndarray | None:
+    """--weights 1.5,1,1 -> one non-negative weight per input (None: equal weights)."""
     if text is None:
         return None
     try:
@@ -664,7 +665,7 @@ def _parse_weights(text: str | None, n: int) -> np.ndarray | None:
     except ValueError:
         raise UserError(f"--weights: cannot parse '{text}'; give numbers like 1.5,1,1") from None
     if len(w) != n:
-        raise UserError(f"--weights: {len(w)} values for {n} files; give one weight per FILE")
+        raise UserError(f"--weights: {len(w)} values for {n} {what}; give one weight for each")
     if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
         raise UserError(f"--weights: '{text}' needs non-negative weights with a positive sum")
     return np.array(w)
@@ -962,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with cli_errors("vote.py"), Timer() as timer:
         args = parse_args(build_parser(), argv)
         files = list(args.files)
-        weights = _parse_weights(args.weights, len(files))
+        weights = parse_weights(args.weights, len(files))
         mode = args.mode
         if args.select == "caruana":
             if weights is not None:
