@@ -480,7 +480,7 @@ def save_checkpoint(
             ) from None
 
 
-def _torch_load(path) -> object:
+def _load_torch_file(path) -> object:
     """The only torch.load in the toolkit: weights_only, CPU, errors as UserError."""
     p = Path(path)
     if not p.exists():
@@ -516,7 +516,7 @@ def _torch_load(path) -> object:
 
 def load_checkpoint(path) -> dict:
     """Load and validate a checkpoint written by save_checkpoint (weights_only, on CPU)."""
-    ckpt = _torch_load(path)
+    ckpt = _load_torch_file(path)
     if not isinstance(ckpt, dict):
         missing = "not a dict"
     else:
@@ -548,7 +548,7 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
             return strip_prefixes(load_file(str(p), device="cpu"))
         except Exception as e:
             raise UserError(f"{path}: cannot read safetensors file ({e}); re-save it") from None
-    obj = _torch_load(p)
+    obj = _load_torch_file(p)
     if isinstance(obj, dict) and "format" in obj and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict):
