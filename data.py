@@ -433,6 +433,15 @@ def _imap(fn: Callable, items: Sequence, workers: int) -> Iterator:
                 f.cancel()
 
 
+def _skip_bad_image(path: Path, why: str, opts, skipped: list[str]) -> None:
+    """Record an unreadable image, or stop with the fix unless --skip-bad-images."""
+    if not opts.skip_bad_images:
+        raise UserError(
+            f"{path}: cannot read image ({why}); replace or delete it, or pass --skip-bad-images"
+        )
+    skipped.append(str(path))
+
+
 def decode_images(
     paths: Sequence[Path], opts: Opts, source: str
 ) -> tuple[np.ndarray, list[int], list[str]]:
@@ -468,11 +477,7 @@ def decode_images(
         for i, a in enumerate(stream):
             p = paths[i]
             if isinstance(a, str):
-                if not opts.skip_bad_images:
-                    raise UserError(
-                        f"{p}: cannot read image ({a}); replace or delete it, or pass --skip-bad-images"
-                    )
-                skipped.append(str(p))
+                _skip_bad_image(p, a, opts, skipped)
                 continue
             c = 3 if a.ndim == 3 else 1
             if out is None:
@@ -606,11 +611,7 @@ def _lazy_images(
     for i, r in enumerate(_imap(_probe, paths, min(8, os.cpu_count() or 1))):
         p = paths[i]
         if isinstance(r, str):
-            if not opts.skip_bad_images:
-                raise UserError(
-                    f"{p}: cannot read image ({r}); replace or delete it, or pass --skip-bad-images"
-                )
-            skipped.append(str(p))
+            _skip_bad_image(p, r, opts, skipped)
             continue
         if first is None:
             first = (p, r[:2])

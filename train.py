@@ -383,20 +383,26 @@ def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Data and model set-up
 
 
-def load_data(args, need_val: bool = True):
-    """Train and val ImageSets plus the split record; labels-per-class and relabel applied."""
-    if not args.data:
-        raise UserError("--data is required (a data set path; see python data.py --help)")
-    kw = dict(
+def split_kwargs(args) -> dict:
+    """data.load_split keyword arguments from the data/split flags."""
+    return dict(
         fmt=args.data_format,
         val_ratio=args.val_ratio,
         split_seed=args.split_seed,
+        kfold=getattr(args, "kfold", None),
+        fold=getattr(args, "fold", None),
         img_size=args.img_size,
         in_chans=args.in_chans,
         cache_dir=args.cache_dir,
         skip_bad_images=args.skip_bad_images,
     )
-    kw.update(kfold=getattr(args, "kfold", None), fold=getattr(args, "fold", None))
+
+
+def load_data(args, need_val: bool = True):
+    """Train and val ImageSets plus the split record; labels-per-class and relabel applied."""
+    if not args.data:
+        raise UserError("--data is required (a data set path; see python data.py --help)")
+    kw = split_kwargs(args)
     train_set, record = data.load_split(args.data, "train", **kw)
     need_ids = need_val or getattr(args, "relabel", None)
     val_set = data.load_split(args.data, "val", **kw)[0] if need_ids else None
@@ -847,16 +853,7 @@ def _eval_test(args, run_dir: Path, eval_kw: dict) -> dict:
     """Accuracy of best.pt (and best_ema.pt) on the data set's own test part."""
     out = {}
     try:
-        test_set, _ = data.load_split(
-            args.data,
-            "test",
-            fmt=args.data_format,
-            val_ratio=args.val_ratio,
-            split_seed=args.split_seed,
-            img_size=args.img_size,
-            in_chans=args.in_chans,
-            cache_dir=args.cache_dir,
-        )
+        test_set, _ = data.load_split(args.data, "test", **split_kwargs(args))
     except UserError as e:
         print(f"warning: no test part evaluated ({e})", file=sys.stderr)
         return out
