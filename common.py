@@ -1,19 +1,25 @@
-"""Standard-library helpers every script shares: errors, atomic writes, CLI plumbing.
+"""Helpers every script shares: errors, flag types, atomic writes and output transactions,
+directory locks, CLI plumbing, metrics.
 
-No third-party imports, so vote.py (numpy + pandas only) can use it too.
+Only the standard library and numpy, so vote.py and synth.py (no torch) can use it too.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 
 class UserError(Exception):
@@ -25,41 +31,311 @@ class UserError(Exception):
 # killed process never leaves a half-written file that looks complete.
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside `path`; on success it replaces `path` atomically."""
-    path = Path(path)
+def write_error(path: str | os.PathLike, e: BaseException) -> UserError | None:
+    """The one-line UserError for a failed write of `path`, or None when `e` is not an I/O failure."""
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, OSError):
+        why, code = e.strerror or str(e), e.errno
+    elif isinstance(e, RuntimeError) and any(
+        s in str(e)
+        for s in ("No space left", "file write failed", "write failed", "unexpected pos")
+    ):  # torch.save reports a failed write (ENOSPC) as RuntimeError
+        why, code = "write failed (disk full?)", errno.ENOSPC
+    else:
+        return None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that file system or choose another output path"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable output path"
+    elif code == errno.EISDIR:
+        fix = "give a file path, not a directory"
+    else:
+        fix = "check the path and the disk, then run again"
+    return UserError(f"{path}: cannot write ({why}); {fix}; the previous file, if any, is intact")
+
+
+def _tmp_beside(path: Path) -> str:
+    """An empty temp file beside `path` (same suffix, so np.save keeps the name), mode 0666&~umask."""
     parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file path for this output")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=parent)
     except OSError as e:
         above = parent.absolute()
         while not above.exists() and above != above.parent:
             above = above.parent
         why = f"{above} is a file, not a directory" if above.is_file() else e.strerror
         raise UserError(
-            f"{path}: cannot write here ({why}); choose a writable --out directory"
+            f"{path}: cannot write here ({why}); choose a writable output path"
         ) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file open()'s usual mode
+    return tmp
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):  # make renames durable
+        fd = os.open(d if str(d) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path beside `path`; on success it replaces `path` atomically.
+
+    Any failure (the body's write, fsync, rename; a full disk) removes the temp file, leaves the
+    old `path` as it was, and an I/O failure becomes one UserError naming `path`.
+    """
+    path = Path(path)
+    tmp = _tmp_beside(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(parent, os.O_RDONLY)
+        err = write_error(path, e)
+        if err is None or err is e:
+            raise
+        raise err from None
+    _fsync_dir(path.parent)
+
+
+class Outputs:
+    """Every output of one command, staged as temp files and committed together at the end.
+
+    `with Outputs() as out: np.save(out.path(a), x); write(out.path(b))` writes nothing visible
+    until the block ends without error; then each temp file replaces its target (fsynced first).
+    An error or a kill inside the block leaves every target as it was (temp files are removed,
+    or, after a kill, are dot-files named `.NAME.*.tmp*` beside the target).
+    """
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[str, Path]] = []
+
+    def path(self, final: str | os.PathLike) -> str:
+        """A temp path that becomes `final` at commit."""
+        final = Path(final)
+        if any(f == final for _, f in self.staged):
+            raise ValueError(f"{final} staged twice")
+        tmp = _tmp_beside(final)
+        self.staged.append((tmp, final))
+        return tmp
+
+    def text(self, final: str | os.PathLike, text: str) -> None:
+        with open(self.path(final), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def json(self, final: str | os.PathLike, obj) -> None:
+        self.text(final, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+    def commit(self) -> list[Path]:
+        """Make every staged file visible; returns the targets."""
+        for tmp, final in self.staged:
+            try:
+                _fsync_file(tmp)
+            except BaseException as e:
+                self.abort()
+                raise write_error(final, e) or e from None
+        for tmp, final in self.staged:
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                self.abort()
+                raise write_error(final, e) from None
+        for d in {f.parent for _, f in self.staged}:
+            _fsync_dir(d)
+        done = [f for _, f in self.staged]
+        self.staged = []
+        return done
+
+    def abort(self) -> None:
+        for tmp, _ in self.staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.staged = []
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, kind, e, tb) -> None:
+        if kind is None:
+            self.commit()
+            return
+        self.abort()
+        if e is not None and not isinstance(e, UserError):
+            where = self.staged[0][1] if self.staged else "output"
+            err = write_error(where, e)
+            if err is not None:
+                raise err from None
+
+
+def staged_dir(final: str | os.PathLike) -> Path:
+    """A fresh empty staging directory beside `final` (commit it with `commit_dir`)."""
+    final = Path(final)
+    stage = final.parent / f".{final.name}.staging-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def commit_dir(stage: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Replace directory `final` by `stage`: the old one is removed only after the swap."""
+    stage, final = Path(stage), Path(final)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: str | os.PathLike) -> None:
+    """After a kill between the two renames of `commit_dir`: put the old directory back; drop stale
+    staging directories of dead processes."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not final.exists():
+            os.replace(p, final)
+        elif kind.endswith((".old", ".staging")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# One writer per output directory
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DirLock:
+    """Exclusive lock on an output directory: `.NAME.lock` beside it holds the owner's pid.
+
+    A second command on the same directory is refused (UserError naming the holder); a lock left
+    by a killed process (its pid is gone) is taken over. Use as a context manager.
+    """
+
+    def __init__(self, target: str | os.PathLike, flag: str = "--out"):
+        self.target = Path(target)
+        self.flag = flag
+        self.file = self.target.parent / f".{self.target.name}.lock"
+        self.held = False
+
+    def acquire(self) -> DirLock:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self.holder()
+                if pid is not None and _alive(pid):
+                    raise UserError(
+                        f"{self.target}: in use by another command (pid {pid}, lock {self.file}); "
+                        f"wait for it to finish or choose another {self.flag}"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.file)  # stale: its owner was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise UserError(f"{self.file}: cannot take the lock; remove it if no command is running")
+
+    def holder(self) -> int | None:
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            text = self.file.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                os.unlink(self.file)
+            self.held = False
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------
+# Outputs never land on inputs
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    c, p = os.path.realpath(child), os.path.realpath(parent)
+    return c == p or c.startswith(p.rstrip(os.sep) + os.sep)
+
+
+def refuse_output_on_input(
+    outputs: Iterable[tuple[str, str | os.PathLike | None]],
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
+    replaced_dirs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+) -> None:
+    """UserError when an output file is one of the inputs, or an input lies inside an output
+    directory that this command replaces. Each item is (flag, path); None paths are skipped."""
+    inputs = [(f, Path(p)) for f, p in inputs if p is not None and str(p) != ""]
+    for flag, out in outputs:
+        if out is None:
+            continue
+        for iflag, inp in inputs:
+            if _same(Path(out), inp):
+                raise UserError(
+                    f"{flag} {out}: is the input {iflag} {inp}; writing it would destroy the "
+                    f"input, choose another {flag}"
+                )
+    for flag, d in replaced_dirs:
+        if d is None:
+            continue
+        for iflag, inp in inputs:
+            if _inside(inp, Path(d)):
+                raise UserError(
+                    f"{flag} {d}: holds the input {iflag} {inp}, and this command replaces it; "
+                    f"choose another {flag} or move the input"
+                )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -137,8 +413,21 @@ def cli_errors(prog: str | None = None) -> Iterator[None]:
         raise SystemExit(0) from None
 
 
+def _one_line_error(parser: argparse.ArgumentParser):
+    def error(message: str):
+        print(f"{parser.prog}: error: {message}; see --help", file=sys.stderr)
+        raise SystemExit(2)
+
+    return error
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse argv, taking defaults from `--config FILE.json|yaml` (keys are flag names; CLI wins)."""
+    """Parse argv, taking defaults from `--config FILE.json|yaml` (keys are flag names; CLI wins).
+
+    Every error is one stderr line and exit 2 (argparse's usage block is left out); values from
+    the config file go through the same flag types as the command line.
+    """
+    parser.error = _one_line_error(parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
@@ -149,8 +438,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--config {path}: is a directory; pass a .json or .yaml file")
     if not p.is_file():
-        raise UserError(f"{path}: config file not found; pass an existing .json or .yaml file")
+        raise UserError(f"--config {path}: no such file; pass an existing .json or .yaml file")
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
@@ -169,14 +460,128 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"{path}: cannot parse config ({e}); fix the syntax") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: config must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     out = {}
     for k, v in cfg.items():
         dest = k.lstrip("-").replace("-", "_")
-        if dest not in known:
+        if dest not in actions:
             raise UserError(f"{path}: unknown key '{k}'; use flag names from --help")
-        out[dest] = v
+        out[dest] = _config_value(actions[dest], v, f"{path}: key '{k}'")
     return out
+
+
+def _config_value(action: argparse.Action, v, where: str):
+    """A config value checked as the flag would check it on the command line."""
+    if v is None:
+        return v
+    try:
+        if action.type is not None and not isinstance(v, (list, dict, bool)):
+            v = action.type(str(v))
+        elif action.type is not None and isinstance(v, list):
+            v = [action.type(str(x)) for x in v]
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}; fix the value") from None
+    if action.choices is not None and not isinstance(v, list) and v not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise UserError(f"{where}: {v!r} is not one of {choices}; fix the value")
+    return v
+
+
+# ---------------------------------------------------------------------------
+# Flag types: every numeric flag of every script is range-checked by one of these
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number; give {what}") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}' is not finite; give {what}")
+    return v
+
+
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number in [lo, hi] (either bound optional)."""
+    what = _describe("a whole number", lo, hi, False, False)
+
+    def check(text: str) -> int:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a whole number; give {what}"
+            ) from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range; give {what}")
+        return v
+
+    check.__name__ = what
+    return check
+
+
+def float_range(
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str], float]:
+    """argparse type: a finite number in the interval (open ends optional)."""
+    what = _describe("a number", lo, hi, lo_open, hi_open)
+
+    def check(text: str) -> float:
+        v = _number(str(text).strip(), float, what)
+        bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
+            hi is not None and (v > hi or (hi_open and v == hi))
+        )
+        if bad:
+            raise argparse.ArgumentTypeError(f"{v:g} is out of range; give {what}")
+        return v
+
+    check.__name__ = what
+    return check
+
+
+def _describe(base: str, lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"{base} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{base} {'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{base} {'<' if hi_open else '<='} {hi:g}"
+    return f"{base}"
+
+
+def list_of(item: Callable[[str], object], min_len: int = 1) -> Callable[[str], list]:
+    """argparse type: comma-separated values, each checked by `item`."""
+
+    def check(text: str) -> list:
+        parts = [s.strip() for s in str(text).split(",") if s.strip()]
+        if len(parts) < min_len:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' has {len(parts)} values; give at least {min_len}, comma-separated"
+            )
+        return [item(s) for s in parts]
+
+    check.__name__ = f"comma-separated list of {getattr(item, '__name__', 'values')}"
+    return check
+
+
+positive_int = int_range(1)
+nonneg_int = int_range(0)
+positive_float = float_range(0, lo_open=True)
+nonneg_float = float_range(0)
+finite_float = float_range()
+fraction = float_range(0, 1, hi_open=True)  # [0, 1): a share that cannot be everything
+probability = float_range(0, 1)  # [0, 1]
+open_fraction = float_range(0, 1, lo_open=True, hi_open=True)  # (0, 1)
+seed_int = int_range(0, 2**32 - 1)
+threads_int = int_range(1, 1024)
+
+
+def refuse_together(args: argparse.Namespace, *groups: Sequence[str]) -> None:
+    """UserError when two flags of one group are both set (truthy)."""
+    for group in groups:
+        given = [f for f in group if getattr(args, f.lstrip("-").replace("-", "_"), None)]
+        if len(given) > 1:
+            raise UserError(f"{given[0]} and {given[1]} cannot be used together; drop one of them")
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -244,3 +649,65 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> None:
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
+
+
+# ---------------------------------------------------------------------------
+# Metrics, the one implementation every script uses (numpy; y are class indices [N], or N x K
+# 0/1 arrays for multi-label)
+
+
+def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true {t.shape} and y_pred {p.shape} differ in shape")
+    return t, p
+
+
+def exact_match_accuracy(y_true, y_pred) -> float:
+    """Multi-label: fraction of rows whose whole 0/1 vector is right."""
+    t, p = _pair(y_true, y_pred)
+    return float((t == p).all(axis=1).mean()) if len(t) else float("nan")
+
+
+def accuracy(y_true, y_pred) -> float:
+    """Fraction right; exact-match accuracy for N x K multi-label arrays."""
+    t, p = _pair(y_true, y_pred)
+    if t.ndim == 2:
+        return exact_match_accuracy(t, p)
+    return float((t == p).mean()) if len(t) else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
+    """K x K counts, rows = true class, columns = predicted class."""
+    t, p = _pair(y_true, y_pred)
+    t, p = t.astype(np.int64), p.astype(np.int64)
+    k = n_classes or int(max(t.max(initial=-1), p.max(initial=-1)) + 1)
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def macro_f1(y_true, y_pred, n_classes: int | None = None) -> float:
+    """Unweighted mean F1 over classes seen in y_true or y_pred (all columns if multi-label)."""
+    t, p = _pair(y_true, y_pred)
+    if t.ndim == 2:
+        t, p = t.astype(bool), p.astype(bool)
+        tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
+        present = np.ones(t.shape[1], dtype=bool)  # as sklearn: an empty column scores 0
+    else:
+        cm = confusion_matrix(t, p, n_classes)
+        tp = np.diag(cm)
+        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+        present = (cm.sum(0) + cm.sum(1)) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def per_class_accuracy(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
+    """Per true class: fraction predicted right (NaN where absent); per column if multi-label."""
+    t, p = _pair(y_true, y_pred)
+    if t.ndim == 2:
+        return (t == p).mean(0)
+    cm = confusion_matrix(t, p, n_classes)
+    support = cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / support, np.nan)

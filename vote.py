@@ -30,12 +30,16 @@ import pandas as pd
 from common import (
     Timer,
     UserError,
+    accuracy,
     add_common_flags,
     atomic_path,
     atomic_write_text,
     cli_errors,
+    confusion_matrix,
     format_table,
+    macro_f1,
     parse_args,
+    per_class_accuracy,
     write_json,
 )
 
@@ -555,67 +559,6 @@ def _align_classes(ref: list[str], classes: list[str], arr, path, ref_path=None,
             "models of the same task"
         )
     return np.asarray(arr)[:, [pos[key(c)] for c in ref]]
-
-
-# ---------------------------------------------------------------------------
-# Metrics (numpy; y are class indices [N], or N x K 0/1 arrays for multi-label)
-
-
-def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
-    t, p = np.asarray(y_true), np.asarray(y_pred)
-    if t.shape != p.shape:
-        raise ValueError(f"y_true {t.shape} and y_pred {p.shape} differ in shape")
-    return t, p
-
-
-def exact_match_accuracy(y_true, y_pred) -> float:
-    """Multi-label: fraction of rows whose whole 0/1 vector is right."""
-    t, p = _pair(y_true, y_pred)
-    return float((t == p).all(axis=1).mean()) if len(t) else float("nan")
-
-
-def accuracy(y_true, y_pred) -> float:
-    """Fraction right; exact-match accuracy for N x K multi-label arrays."""
-    t, p = _pair(y_true, y_pred)
-    if t.ndim == 2:
-        return exact_match_accuracy(t, p)
-    return float((t == p).mean()) if len(t) else float("nan")
-
-
-def confusion_matrix(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
-    """K x K counts, rows = true class, columns = predicted class."""
-    t, p = _pair(y_true, y_pred)
-    t, p = t.astype(np.int64), p.astype(np.int64)
-    k = n_classes or int(max(t.max(initial=-1), p.max(initial=-1)) + 1)
-    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
-
-
-def macro_f1(y_true, y_pred, n_classes: int | None = None) -> float:
-    """Unweighted mean F1 over classes seen in y_true or y_pred (all columns if multi-label)."""
-    t, p = _pair(y_true, y_pred)
-    if t.ndim == 2:
-        t, p = t.astype(bool), p.astype(bool)
-        tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
-        present = np.ones(t.shape[1], dtype=bool)  # as sklearn: an empty column scores 0
-    else:
-        cm = confusion_matrix(t, p, n_classes)
-        tp = np.diag(cm)
-        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
-        present = (cm.sum(0) + cm.sum(1)) > 0
-    denom = 2 * tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return float(f1[present].mean()) if present.any() else float("nan")
-
-
-def per_class_accuracy(y_true, y_pred, n_classes: int | None = None) -> np.ndarray:
-    """Per true class: fraction predicted right (NaN where absent); per column if multi-label."""
-    t, p = _pair(y_true, y_pred)
-    if t.ndim == 2:
-        return (t == p).mean(0)
-    cm = confusion_matrix(t, p, n_classes)
-    support = cm.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, np.diag(cm) / support, np.nan)
 
 
 def plot_confusion(cm, classes: Sequence[str], path: str | Path) -> Path:
