@@ -576,6 +576,25 @@ seed_int = int_range(0, 2**32 - 1)
 threads_int = int_range(1, 1024)
 
 
+def size2(img_size) -> tuple[int, int]:
+    """An image size N, [N], (H, W) or "HxW" as (H, W) of positive ints; UserError otherwise."""
+    vals = img_size
+    if isinstance(vals, str):
+        vals = vals.lower().replace(",", "x").split("x")
+    elif not isinstance(vals, list | tuple):
+        vals = [vals]
+    try:
+        ints = [int(v) for v in vals]
+        if any(float(v) != i for v, i in zip(vals, ints)):  # 2.5 is no size
+            ints = []
+        vals = ints * 2 if len(ints) == 1 else ints
+    except (TypeError, ValueError):
+        vals = []
+    if len(vals) != 2 or min(vals) < 1:
+        raise UserError(f"image size {img_size!r}: expected N or HxW with positive sides")
+    return vals[0], vals[1]
+
+
 def refuse_together(args: argparse.Namespace, *groups: Sequence[str]) -> None:
     """UserError when two flags of one group are both set (truthy)."""
     for group in groups:

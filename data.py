@@ -41,6 +41,7 @@ from common import (
     format_table,
     parse_args,
     progress,
+    size2,
 )
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -1450,23 +1451,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "imgcls"
 
 
-def _size2(img_size) -> tuple[int, int] | None:
-    if img_size is None:
-        return None
-    if isinstance(img_size, int | np.integer):
-        h = w = int(img_size)
-    else:
-        vals = list(img_size)
-        if len(vals) == 1:
-            vals = vals * 2
-        if len(vals) != 2:
-            raise UserError(f"img_size {img_size!r}: expected N or (H, W)")
-        h, w = (int(v) for v in vals)
-    if h < 1 or w < 1:
-        raise UserError(f"--img-size {img_size}: must be positive")
-    return h, w
-
-
 def _cache_key(fmt: str, part: str, root: Path, src: Source, opts: Opts) -> str:
     h = hashlib.sha1()
     head = {
@@ -1570,7 +1554,13 @@ def load_images(
         raise UserError(f"--data-format {fmt}: unknown; choose from {', '.join(FORMATS)}")
     if in_chans not in (None, 1, 3):
         raise UserError(f"--in-chans {in_chans}: expected 1 or 3")
-    opts = Opts(_size2(img_size), in_chans, skip_bad_images, label_column, quiet)
+    opts = Opts(
+        None if img_size is None else size2(img_size),
+        in_chans,
+        skip_bad_images,
+        label_column,
+        quiet,
+    )
     src = FORMATS[fmt](root, part, opts)
     paths = None
     if cache:
@@ -1793,6 +1783,118 @@ def split_args(record: dict) -> dict:
         "kfold": record.get("kfold"),
         "fold": record.get("fold"),
     }
+
+
+def _split_record(recorded) -> dict:
+    """The split record of a CheckpointMeta, a checkpoint (or meta) dict, or the record itself."""
+    if hasattr(recorded, "split"):
+        recorded = recorded.split
+    if isinstance(recorded, dict) and isinstance(recorded.get("split"), dict):
+        recorded = recorded["split"]
+    return dict(recorded or {})
+
+
+def load_recorded_split(
+    recorded,
+    path,
+    split: str = "val",
+    fmt: str | None = None,
+    source: str = "the checkpoint",
+    **load_kw,
+) -> ImageSet:
+    """Part `split` of the data at `path`, on the train/val split a checkpoint records.
+
+    `recorded`: a models.CheckpointMeta, a checkpoint dict or its "split" record. For train/val
+    the split is rebuilt from the record (seed, ratio, k-fold) and its validation ids must hash
+    to the recorded val_hash, else UserError (the data changed, or it is another data set);
+    a checkpoint without a record cannot name its held-out set: UserError too. test/all need
+    no record. The record is in ds.info["split"]; load_kw go to load_images.
+    """
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    rec = _split_record(recorded)
+    if split in ("test", "all"):
+        ds = load_images(path, fmt, part="test" if split == "test" else "train", **load_kw)
+        ds.info["split"] = rec
+        return ds
+    if not rec.get("val_hash"):
+        raise UserError(
+            f"{source} records no train/val split, so its held-out images are unknown; "
+            "use --split test or all (or retrain to record one)"
+        )
+    ds, record = load_split(path, split, fmt, **split_args(rec), **load_kw)
+    if record["val_hash"] != rec["val_hash"]:
+        fold = f", fold {rec['fold']} of {rec['kfold']}" if rec.get("kfold") else ""
+        raise UserError(
+            f"{path}: its validation split (seed {rec.get('seed')}, ratio "
+            f"{rec.get('val_ratio')}{fold}) hashes to {record['val_hash']} but {source} recorded "
+            f"{rec['val_hash']}: the data changed since training or this is another data set; "
+            "pass the training data, or --split test/all"
+        )
+    ds.info["split"] = record
+    return ds
+
+
+# ---------------------------------------------------------------------------
+# A data set's labels in a checkpoint's class order
+
+
+class ClassMismatchError(UserError):
+    """The data's labels cannot be expressed in the checkpoint's classes."""
+
+
+def _index_names(classes: Sequence[str]) -> bool:
+    return list(classes) == [str(i) for i in range(len(classes))]
+
+
+def map_labels(
+    ds: ImageSet, classes: Sequence[str], multi_label: bool = False, source: str = "the checkpoint"
+) -> torch.Tensor:
+    """ds.labels re-indexed to `classes` (a checkpoint's class list, in its order).
+
+    Single-label: each data class name must be one of `classes` (a subset is fine, e.g. a test
+    folder lacking some classes); data whose classes are bare indices "0".."n-1" (IDX files or
+    integer labels without names) keep their indices when n <= len(classes). Multi-label: the
+    same class set, columns reordered. Unknown labels (-1) stay -1. ClassMismatchError otherwise
+    (and for unlabelled data), naming the classes.
+    """
+    classes = [str(c) for c in classes]
+    if not ds.has_labels:
+        raise ClassMismatchError(f"{ds.source or 'the data'}: no labels to compare with")
+    tasks = ("single-label", "multi-label")
+    if bool(ds.multi_label) != bool(multi_label):
+        raise ClassMismatchError(
+            f"{ds.source or 'the data'} is {tasks[bool(ds.multi_label)]} but {source} is "
+            f"{tasks[bool(multi_label)]}"
+        )
+    have = [str(c) for c in ds.classes]
+    if have == classes:
+        return ds.labels
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = [c for c in have if c not in index]
+    if multi_label:
+        if unknown or len(have) != len(classes):
+            raise ClassMismatchError(
+                f"{ds.source or 'the data'}: classes {_names(have)} are not {source}'s "
+                f"{_names(classes)}; multi-label data must have the same classes"
+            )
+        return ds.labels[:, torch.tensor([have.index(c) for c in classes])]
+    if unknown:
+        if _index_names(have) and len(have) <= len(classes):
+            return ds.labels
+        raise ClassMismatchError(
+            f"{ds.source or 'the data'}: classes {_names(unknown)} are not among {source}'s "
+            f"{len(classes)} classes ({_names(classes)}); use data labelled with its classes"
+        )
+    remap = torch.tensor([index[c] for c in have], dtype=torch.long)
+    y = ds.labels.clone()
+    known = y >= 0
+    y[known] = remap[y[known]]
+    return y
+
+
+def _names(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "")
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Models and checkpoint I/O: the built-in SmallNet, timm models, and the one safe loader.
 
 `create_model` builds a built-in ("smallnet", "smallnet_s", "smallnet_l") or any timm model;
-`save_checkpoint` / `load_checkpoint` / `load_model` read and write the checkpoint format of
-SPEC section 3 (a plain dict loadable with `torch.load(weights_only=True)`).
+`CheckpointMeta` is the checkpoint format (one file, a plain dict loadable with
+`torch.load(weights_only=True)`); `save_checkpoint` / `load_checkpoint` / `load_model` write and
+read it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import pickle
 import re
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import UserError, atomic_path, jsonable
+from common import UserError, atomic_path, jsonable, size2
 
 CHECKPOINT_FORMAT = 1
 # Wrappers that other tools put around a state dict (timm, Lightning-style scripts, tutorials).
@@ -112,13 +114,6 @@ BUILTINS: dict[str, dict] = {
 
 # ---------------------------------------------------------------------------
 # Creating models
-
-
-def _size2(img_size) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    h, w = img_size
-    return int(h), int(w)
 
 
 def _unknown_model(arch: str) -> UserError:
@@ -228,7 +223,7 @@ def create_model(
     in the checkpoint as "model_kwargs" so `load_model` can rebuild the same network.
     """
     model_kwargs = dict(model_kwargs or {})
-    size = _size2(img_size) if img_size is not None else None
+    size = size2(img_size) if img_size is not None else None
     if arch in BUILTINS:
         if pretrained:
             raise UserError(
@@ -252,11 +247,6 @@ def create_model(
     if check_size and size is not None:
         _check_size(model, arch, in_chans, size)
     return model
-
-
-def num_params(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------
@@ -450,21 +440,142 @@ def _arrays_to_lists(obj):
     return obj.tolist() if hasattr(obj, "tolist") else obj
 
 
+# The keys of the checkpoint format; any other key of a file is kept in CheckpointMeta.extra.
+META_KEYS = (
+    "arch", "num_classes", "in_chans", "img_size", "classes", "multi_label", "mean", "std",
+    "split", "args", "metrics", "task", "created", "torch", "heads", "model_kwargs",
+)  # fmt: skip
+_NOT_META = ("format", "state_dict")
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about its model and data: the one typed view of the format.
+
+    `from_checkpoint(d)` is the one reader (defaults for keys older files lack), `to_dict()` the
+    one writer (used by save_checkpoint). Keys outside the format (last.pt's training state,
+    soup records) stay in `extra`, so reading then writing loses nothing. On disk it remains a
+    plain dict loadable with `torch.load(weights_only=True)`.
+    """
+
+    arch: str
+    num_classes: int | None = None  # None: unknown (the file cannot be rebuilt)
+    in_chans: int | None = None
+    img_size: list[int] | None = None  # [H, W] it trained at
+    classes: list[str] = field(default_factory=list)
+    multi_label: bool = False
+    mean: list[float] = field(default_factory=list)  # per channel, on the 0..1 scale
+    std: list[float] = field(default_factory=list)
+    split: dict = field(default_factory=dict)  # {"seed", "val_ratio", "val_hash"} (+ kfold, fold)
+    args: dict = field(default_factory=dict)  # the training flags
+    metrics: dict = field(default_factory=dict)
+    task: str = "classify"  # or "rotation"
+    created: str = ""
+    torch: str = ""
+    heads: dict[str, list[str]] | None = None  # head name -> its classes (multi-head models)
+    model_kwargs: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, source: str = "checkpoint") -> CheckpointMeta:
+        """The metadata of a loaded checkpoint dict (or of a meta dict); UserError naming
+        `source` when a key has the wrong type."""
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("arch"), str):
+            raise UserError(f"{source}: no 'arch' in the checkpoint; it cannot be rebuilt")
+        try:
+            num_classes = _opt_int(ckpt.get("num_classes"))
+            classes = [str(c) for c in (ckpt.get("classes") or [])]
+            if num_classes is None and classes:
+                num_classes = len(classes)
+            if not classes and num_classes:
+                classes = [str(i) for i in range(num_classes)]
+            in_chans = _opt_int(ckpt.get("in_chans"))
+            size = ckpt.get("img_size")
+            img_size = None if size is None else list(size2(size))
+            mean = [float(v) for v in _as_list(ckpt.get("mean"))]
+            std = [float(v) for v in _as_list(ckpt.get("std"))]
+            if in_chans is not None and not mean:  # older files: no normalisation stats
+                mean, std = [0.0] * in_chans, [1.0] * in_chans
+            heads = ckpt.get("heads")
+            if heads is not None:
+                heads = {str(k): [str(c) for c in v] for k, v in dict(heads).items()}
+            dicts = {k: dict(ckpt.get(k) or {}) for k in ("split", "args", "metrics")}
+            model_kwargs = ckpt.get("model_kwargs")
+            model_kwargs = None if model_kwargs is None else dict(model_kwargs)
+        except (TypeError, ValueError, UserError) as e:
+            raise UserError(f"{source}: damaged checkpoint metadata ({e}); re-save it") from None
+        return cls(
+            arch=ckpt["arch"],
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=img_size,
+            classes=classes,
+            multi_label=bool(ckpt.get("multi_label", False)),
+            mean=mean,
+            std=std,
+            task=str(ckpt.get("task") or "classify"),
+            created=str(ckpt.get("created") or ""),
+            torch=str(ckpt.get("torch") or ""),
+            heads=heads,
+            model_kwargs=model_kwargs,
+            extra={k: v for k, v in ckpt.items() if k not in META_KEYS and k not in _NOT_META},
+            **dicts,
+        )
+
+    def to_dict(self) -> dict:
+        """The plain dict written into the file (without format and state_dict)."""
+        d = {k: getattr(self, k) for k in META_KEYS if k not in ("heads", "model_kwargs")}
+        for k in ("heads", "model_kwargs"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return {**self.extra, **d}
+
+
+def _opt_int(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    return list(v) if isinstance(v, list | tuple) else [v]
+
+
+def read_meta(ckpt_or_path, source: str | None = None) -> CheckpointMeta:
+    """CheckpointMeta of a checkpoint file or of a checkpoint dict already loaded."""
+    if isinstance(ckpt_or_path, CheckpointMeta):
+        return ckpt_or_path
+    if isinstance(ckpt_or_path, dict):
+        return CheckpointMeta.from_checkpoint(ckpt_or_path, source or "checkpoint")
+    return CheckpointMeta.from_checkpoint(load_checkpoint(ckpt_or_path), str(ckpt_or_path))
+
+
 def save_checkpoint(
-    path, model_or_state_dict: nn.Module | dict, meta: dict, extra: dict | None = None
+    path,
+    model_or_state_dict: nn.Module | dict,
+    meta: CheckpointMeta | dict,
+    extra: dict | None = None,
 ) -> None:
-    """Write a SPEC section 3 checkpoint atomically (meta keys: arch, num_classes, ...)."""
-    if "arch" not in meta:
-        raise ValueError("save_checkpoint: meta needs 'arch'")
+    """Write a checkpoint atomically: `meta` (a CheckpointMeta, or a dict of its keys) plus the
+    weights and, in `extra`, anything else (e.g. last.pt's training state)."""
+    if isinstance(meta, dict):
+        if "arch" not in meta:
+            raise ValueError("save_checkpoint: meta needs 'arch'")
+        meta = CheckpointMeta.from_checkpoint(_arrays_to_lists(meta), str(path))
     sd = model_or_state_dict
     if isinstance(sd, nn.Module):
         sd = unwrap(sd).state_dict()
     sd = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in strip_prefixes(sd).items()}
-    ckpt = {"format": CHECKPOINT_FORMAT, **jsonable(_arrays_to_lists(meta))}
+    meta = replace(
+        meta,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        torch=str(torch.__version__),  # TorchVersion is not a plain str
+    )
+    ckpt = {"format": CHECKPOINT_FORMAT, **jsonable(_arrays_to_lists(meta.to_dict()))}
     ckpt["format"] = CHECKPOINT_FORMAT
     ckpt["state_dict"] = sd
-    ckpt["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    ckpt["torch"] = str(torch.__version__)  # TorchVersion is not a plain str
     for k, v in (extra or {}).items():
         if k in ("format", "state_dict", "arch"):
             raise ValueError(f"save_checkpoint: extra may not override '{k}'")
@@ -620,22 +731,25 @@ def load_weights(
     return report
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (train mode, CPU)."""
+def model_from_checkpoint(ckpt: dict | CheckpointMeta, state_dict: dict | None = None) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (train mode, CPU).
+
+    `ckpt` is a loaded checkpoint dict, or its CheckpointMeta plus `state_dict`."""
+    meta = read_meta(ckpt)
+    if state_dict is None:
+        state_dict = ckpt["state_dict"]
     for k in ("num_classes", "in_chans"):
-        if k not in ckpt:
-            raise UserError(
-                f"checkpoint of {ckpt.get('arch')}: missing '{k}'; it cannot be rebuilt"
-            )
+        if getattr(meta, k) is None:
+            raise UserError(f"checkpoint of {meta.arch}: missing '{k}'; it cannot be rebuilt")
     model = create_model(
-        ckpt["arch"],
-        num_classes=int(ckpt["num_classes"]),
-        in_chans=int(ckpt["in_chans"]),
-        img_size=ckpt.get("img_size"),
-        model_kwargs=ckpt.get("model_kwargs"),
+        meta.arch,
+        num_classes=meta.num_classes,
+        in_chans=meta.in_chans,
+        img_size=meta.img_size,
+        model_kwargs=meta.model_kwargs,
         check_size=False,  # it trained at this size
     )
-    load_weights(model, ckpt["state_dict"], source=f"checkpoint of {ckpt['arch']}")
+    load_weights(model, state_dict, source=f"checkpoint of {meta.arch}")
     return model
 
 
@@ -654,3 +768,81 @@ def _timm():
     import timm  # lazy: importing timm costs seconds; built-in models do not need it
 
     return timm
+
+
+# ---------------------------------------------------------------------------
+# Runtime settings, the one flag group and set-up every script uses: where and how fast to run
+# (device, mixed precision, memory layout, threads, evaluation batch, torch.compile). --quiet
+# comes with common.add_common_flags. Nothing here changes what is computed beyond rounding.
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+def add_runtime_flags(parser, eval_batch_size: int = 1024, compile_flag: bool = True):
+    """Add the "runtime" flag group (--device --amp --channels-last --threads --eval-batch-size
+    [--compile]) to an argparse parser; returns the group so a script can add its own."""
+    import argparse
+
+    from common import positive_int, threads_int
+
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
+    g.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="mixed precision; auto = bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else none",
+    )
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last memory layout (faster convolutions on GPUs and recent CPUs)",
+    )
+    g.add_argument("--threads", type=threads_int, default=None, help="CPU threads (default: all)")
+    g.add_argument(
+        "--eval-batch-size", type=positive_int, default=eval_batch_size, help="images per forward"
+    )
+    if compile_flag:
+        g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return g
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Resolved runtime settings (`setup_runtime`); `predict_kw()` feeds train.predict."""
+
+    device: torch.device
+    amp: str  # resolved: none | bf16 | fp16
+    channels_last: bool = False
+    eval_batch_size: int = 1024
+    quiet: bool = False
+    compile: bool = False
+
+    def predict_kw(self) -> dict:
+        return {
+            "batch_size": self.eval_batch_size,
+            "device": self.device,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "quiet": self.quiet,
+        }
+
+
+def setup_runtime(args, local_rank: int | None = None) -> Runtime:
+    """Apply --threads, resolve --device (cuda:LOCAL_RANK under torchrun) and --amp auto."""
+    threads = getattr(args, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(getattr(args, "device", "auto"))
+    if local_rank is not None and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return Runtime(
+        device=device,
+        amp=resolve_amp(device, getattr(args, "amp", "auto")),
+        channels_last=bool(getattr(args, "channels_last", False)),
+        eval_batch_size=int(getattr(args, "eval_batch_size", 1024) or 1024),
+        quiet=bool(getattr(args, "quiet", False)),
+        compile=bool(getattr(args, "compile", False)),
+    )

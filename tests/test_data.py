@@ -605,3 +605,61 @@ def test_cli_subprocess_exit_code(tmp_path):
     )
     assert r.returncode == 2 and r.stdout == "" and "no such file" in r.stderr
     assert time.perf_counter() - t < 60
+
+
+# ---------------------------------------------------------------------------
+# The split a checkpoint records, and labels in a checkpoint's class order
+
+
+def test_load_recorded_split_verifies_the_hash(tmp_path):
+    root = tmp_path / "d"
+    write_idx(root, "train", images(40), np.arange(40) % 4)
+    write_idx(root, "t10k", images(8, seed=1), np.arange(8) % 4)
+    val, rec = data.load_split(root, "val", val_ratio=0.25, split_seed=3)
+    meta = {"arch": "smallnet", "split": rec}  # a checkpoint dict, its record, or an object
+    for recorded in (meta, rec, type("Meta", (), {"split": rec})()):
+        got = data.load_recorded_split(recorded, root, "val")
+        assert got.ids == val.ids and got.info["split"]["val_hash"] == rec["val_hash"]
+    train = data.load_recorded_split(meta, root, "train")
+    assert not set(train.ids) & set(val.ids) and len(train) + len(val) == 40
+    assert len(data.load_recorded_split({}, root, "test")) == 8  # test/all need no record
+    assert len(data.load_recorded_split({}, root, "all")) == 40
+    with pytest.raises(UserError, match="records no train/val split.*--split test or all"):
+        data.load_recorded_split({"arch": "x"}, root, "val", source="old.pt")
+    write_idx(root, "train", images(44), np.arange(44) % 4)  # the data changed
+    with pytest.raises(UserError, match=r"seed 3, ratio 0.25\) hashes to .* but best.pt recorded"):
+        data.load_recorded_split(meta, root, "val", source="best.pt")
+
+
+def _labelled(classes, labels, multi=False):
+    y = torch.as_tensor(labels, dtype=torch.float32 if multi else torch.long)
+    n = len(y)
+    return data.ImageSet(
+        images=torch.zeros(n, 1, 2, 2, dtype=torch.uint8), labels=y, ids=[str(i) for i in range(n)],
+        classes=list(classes), multi_label=multi, source="d",
+    )  # fmt: skip
+
+
+def test_map_labels_onto_checkpoint_classes():
+    ck = ["cat", "dog", "emu"]
+    same = _labelled(ck, [0, 2, 1])
+    assert data.map_labels(same, ck) is same.labels
+    # a test folder holding only dog/ and emu/: its labels 0, 1 are the checkpoint's 1, 2
+    sub = _labelled(["dog", "emu"], [0, 1, -1, 1])
+    assert data.map_labels(sub, ck).tolist() == [1, 2, -1, 2]
+    # IDX files / integer labels without names keep their indices
+    assert data.map_labels(_labelled(["0", "1"], [1, 0]), ck).tolist() == [1, 0]
+    with pytest.raises(data.ClassMismatchError, match="classes owl are not among best.pt's 3"):
+        data.map_labels(_labelled(["cat", "owl"], [0, 1]), ck, source="best.pt")
+    with pytest.raises(data.ClassMismatchError, match="0, 1, 2, 3"):  # 4 indices onto 3 classes
+        data.map_labels(_labelled(["0", "1", "2", "3"], [3]), ck)
+    multi = _labelled(["b", "a"], [[1, 0], [0, 1]], multi=True)
+    assert data.map_labels(multi, ["a", "b"], multi_label=True).tolist() == [[0, 1], [1, 0]]
+    with pytest.raises(data.ClassMismatchError, match="multi-label data must have the same"):
+        data.map_labels(multi, ["a", "b", "c"], multi_label=True)
+    with pytest.raises(data.ClassMismatchError, match="single-label but .* multi-label"):
+        data.map_labels(sub, ck, multi_label=True)
+    unlabelled = _labelled(ck, [-1])
+    unlabelled.has_labels = False
+    with pytest.raises(data.ClassMismatchError, match="no labels"):
+        data.map_labels(unlabelled, ck)

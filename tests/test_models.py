@@ -355,3 +355,44 @@ def test_load_weights_mismatch_partial_and_skip_head():
     del sd["stem.1.running_mean"]
     with pytest.raises(UserError, match=r"1 missing \(stem\.1\.running_mean\)"):
         models.load_weights(dst, sd, skip_head=True)
+
+
+def test_checkpoint_meta_one_reader_one_writer(tmp_path):
+    model = models.create_model("smallnet_s", 3, img_size=28)
+    meta = models.CheckpointMeta.from_checkpoint(_meta("smallnet_s"))
+    assert meta.num_classes == 3 and meta.img_size == [28, 28] and meta.mean == [0.5]
+    meta.heads = {"mask": ["wear", "incorrect", "not_worn"]}
+    path = tmp_path / "m.pt"
+    models.save_checkpoint(path, model, meta, extra={"epoch": 2})
+    raw = torch.load(path, weights_only=True)  # still a plain dict on disk
+    assert raw["heads"] == {"mask": ["wear", "incorrect", "not_worn"]} and raw["epoch"] == 2
+    back = models.read_meta(path)
+    assert back.split == {"seed": 0, "val_ratio": 0.1, "val_hash": "abc"}
+    assert back.extra == {"epoch": 2} and back.created == raw["created"]
+    assert back.torch == torch.__version__ and back.args["out"] == "runs"
+    # Reading then writing loses nothing: the same keys and values come back.
+    models.save_checkpoint(tmp_path / "again.pt", raw["state_dict"], back)
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert {k: v for k, v in again.items() if k not in ("created", "state_dict")} == {
+        k: v for k, v in raw.items() if k not in ("created", "state_dict")
+    }
+
+
+def test_checkpoint_meta_defaults_for_older_files():
+    old = {"format": 1, "arch": "smallnet", "num_classes": 2, "in_chans": 3, "state_dict": {}}
+    m = models.CheckpointMeta.from_checkpoint(old)
+    assert m.classes == ["0", "1"] and m.mean == [0.0] * 3 and m.std == [1.0] * 3
+    assert (m.task, m.multi_label, m.split, m.heads, m.img_size) == (
+        "classify",
+        False,
+        {},
+        None,
+        None,
+    )
+    assert models.CheckpointMeta.from_checkpoint({"arch": "x", "classes": ["a"]}).num_classes == 1
+    with pytest.raises(UserError, match="old.pt: damaged checkpoint metadata"):
+        models.CheckpointMeta.from_checkpoint({"arch": "x", "img_size": "big"}, "old.pt")
+    with pytest.raises(UserError, match="no 'arch'"):
+        models.CheckpointMeta.from_checkpoint({"num_classes": 3})
+    with pytest.raises(UserError, match="missing 'in_chans'"):
+        models.model_from_checkpoint({"arch": "smallnet", "num_classes": 2, "state_dict": {}})
