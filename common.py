@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -730,3 +731,40 @@ def per_class_accuracy(y_true, y_pred, n_classes: int | None = None) -> np.ndarr
     support = cm.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(support > 0, np.diag(cm) / support, np.nan)
+
+
+# One vocabulary for the metric flags of every script (soup --metric, vote --metric): canonical
+# name -> accepted spellings. Scripts store scores under the short keys ("acc", "f1").
+METRICS = {"accuracy": ("accuracy", "acc"), "macro-f1": ("macro-f1", "macro_f1", "f1")}
+METRIC_KEYS = {"accuracy": "acc", "macro-f1": "f1"}
+
+
+def metric_name(text: str) -> str:
+    """argparse type: a metric name or alias (acc, f1, macro_f1) -> its canonical name."""
+    t = str(text).strip().lower()
+    for name, spellings in METRICS.items():
+        if t in spellings:
+            return name
+    raise argparse.ArgumentTypeError(
+        f"'{text}' is not a metric; choose accuracy (acc) or macro-f1 (f1)"
+    )
+
+
+metric_name.__name__ = "metric"
+
+
+# ---------------------------------------------------------------------------
+# Small text helpers
+
+
+def natural_key(s) -> list:
+    """Sort key: digit runs compare as numbers (i2 < i10, "2" < "10"), the rest as text."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+
+
+def brief(v, n: int = 4, width: int = 60) -> str:
+    """A short preview of a value for messages: long lists cut to n items plus their count."""
+    if isinstance(v, (list, tuple)) and len(v) > n:
+        return "[" + ", ".join(map(str, v[:n])) + f", ... ({len(v)} items)]"
+    s = repr(v) if not isinstance(v, (list, tuple)) else "[" + ", ".join(map(str, v)) + "]"
+    return s if len(s) <= width else s[: width - 3] + "..."

@@ -12,7 +12,9 @@ This file owns the submission and probability formats (infer.py imports them):
 - probabilities beside a submission `<stem>.csv`: `<stem>.npy` (float32 N x K) with
   `<stem>.ids.txt` (one id a line, row order) and `<stem>.classes.txt` (one class a line), or
   `<stem>.probs.csv` (`id` + one column per class); plus `<stem>.meta.json`
-  {"multi_label", "classes", "kind"}. Without the meta file, rows summing to 1 mean single-label.
+  {"multi_label", "classes", "kind"}. Without the meta file, the submission CSV beside the
+  probabilities (its format) or --kind says whether they are single- or multi-label; a file
+  none of them describes is refused (never guessed from the numbers).
 - labels for scoring (`--labels`, `--val-labels`): any submission kind, or a CSV with a `label`
   column (class names) beside an id column (`id`, `index`, `ImageID`, `path` or `file`).
 """
@@ -20,31 +22,39 @@ This file owns the submission and probability formats (infer.py imports them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from common import (
+    METRICS,
+    Outputs,
     Timer,
     UserError,
     accuracy,
     add_common_flags,
-    atomic_path,
-    atomic_write_text,
     cli_errors,
     confusion_matrix,
     format_table,
+    list_of,
     macro_f1,
+    metric_name,
+    natural_key,
+    nonneg_float,
+    nonneg_int,
     parse_args,
     per_class_accuracy,
-    write_json,
+    positive_int,
+    probability,
+    refuse_output_on_input,
 )
 
 KINDS = ("single", "mask", "multi")
-METRICS = ("accuracy", "macro-f1")
 _ID_COLUMNS = ("id", "index", "imageid", "path", "file", "filename", "image")
 
 # ---------------------------------------------------------------------------
@@ -61,12 +71,15 @@ def probs_paths(csv_path: str | Path) -> dict[str, Path]:
         "csv": Path(s + ".probs.csv"),
         "meta": Path(s + ".meta.json"),
         "submission": Path(s + ".csv"),
+        "metrics": Path(s + ".metrics.json"),
+        "thresholds": Path(s + ".thresholds.json"),
     }
 
 
 def _stem(path: str | Path) -> Path:
     p = Path(path)
-    for suffix in (".probs.csv", ".ids.txt", ".classes.txt", ".meta.json", ".csv", ".npy"):
+    suffixes = (".probs.csv", ".ids.txt", ".classes.txt", ".meta.json", ".metrics.json")
+    for suffix in (*suffixes, ".thresholds.json", ".csv", ".npy"):
         if p.name.endswith(suffix) and len(p.name) > len(suffix):
             return p.with_name(p.name[: -len(suffix)])
     return p
@@ -102,17 +115,29 @@ def _mask_answers(labels, classes, path) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def _staged(out: Outputs | None) -> Iterator[Outputs]:
+    """`out` itself (the caller commits), or a fresh transaction committed at the block's end."""
+    if out is not None:
+        yield out
+        return
+    with Outputs() as own:
+        yield own
+
+
 def write_submission(
     path: str | Path,
     ids: Sequence,
     labels,
     kind: str = "single",
     classes: Sequence[str] | None = None,
+    out: Outputs | None = None,
 ) -> Path:
-    """Write a submission CSV atomically: kind single (`id,label`), mask (`ImageID,ans`), multi.
+    """Write a submission CSV: kind single (`id,label`), mask (`ImageID,ans`), multi.
 
     single: labels are class names, or class indices mapped through `classes`. multi: labels is
-    an N x K 0/1 array, columns named by `classes` (default 0..K-1).
+    an N x K 0/1 array, columns named by `classes` (default 0..K-1). Staged in `out` when given
+    (visible at its commit), else written atomically now.
     """
     ids = _str_list(ids, path, "id")
     if kind == "single":
@@ -142,8 +167,8 @@ def write_submission(
         raise ValueError(f"unknown submission kind '{kind}'; choose one of {KINDS}")
     if len(df) != len(ids):
         raise ValueError(f"{len(ids)} ids but {len(df)} labels")
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+    with _staged(out) as o:
+        df.to_csv(o.path(path), index=False)
     return Path(path)
 
 
@@ -155,8 +180,10 @@ def write_probs(
     multi_label: bool = False,
     fmt: str = "npy",
     kind: str | None = None,
+    out: Outputs | None = None,
 ) -> list[Path]:
-    """Write probabilities beside submission `csv_path`; returns the paths written.
+    """Write probabilities beside submission `csv_path` (staged in `out` when given); returns
+    the paths written.
 
     fmt "npy": `<stem>.npy` (float32 N x K) + `<stem>.ids.txt` + `<stem>.classes.txt`;
     fmt "csv": `<stem>.probs.csv` (`id` + one column per class). Both add `<stem>.meta.json`
@@ -170,23 +197,22 @@ def write_probs(
         raise ValueError(
             f"probs of shape {p.shape} do not fit {len(ids)} ids x {len(classes)} classes"
         )
-    written = []
-    if fmt == "npy":
-        with atomic_path(paths["npy"]) as tmp, open(tmp, "wb") as f:
-            np.save(f, p)  # a file object: np.save(path) would append .npy to the temp name
-        atomic_write_text(paths["ids"], "".join(i + "\n" for i in ids))
-        atomic_write_text(paths["classes"], "".join(c + "\n" for c in classes))
-        written += [paths["npy"], paths["ids"], paths["classes"]]
-    elif fmt == "csv":
-        df = pd.DataFrame(p, columns=classes)
-        df.insert(0, "id", ids)
-        with atomic_path(paths["csv"]) as tmp:
-            df.to_csv(tmp, index=False)
-        written.append(paths["csv"])
-    else:
+    if fmt not in ("npy", "csv"):
         raise ValueError(f"unknown probability format '{fmt}'; choose npy or csv")
     meta = {"format": 1, "multi_label": bool(multi_label), "classes": classes, "kind": kind}
-    write_json(paths["meta"], meta)
+    with _staged(out) as o:
+        if fmt == "npy":
+            with open(o.path(paths["npy"]), "wb") as f:
+                np.save(f, p)  # a file object: np.save(path) would append .npy to the temp name
+            o.text(paths["ids"], "".join(i + "\n" for i in ids))
+            o.text(paths["classes"], "".join(c + "\n" for c in classes))
+            written = [paths["npy"], paths["ids"], paths["classes"]]
+        else:
+            df = pd.DataFrame(p, columns=classes)
+            df.insert(0, "id", ids)
+            df.to_csv(o.path(paths["csv"]), index=False)
+            written = [paths["csv"]]
+        o.json(paths["meta"], meta)
     return written + [paths["meta"]]
 
 
@@ -207,12 +233,20 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _need_file(path: str | Path) -> Path:
+    """`path` when it is a file; a UserError saying what it is otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory; pass a file (a submission CSV, .npy or .probs.csv)")
+    if not p.is_file():
+        raise UserError(f"{p}: no such file; check the path")
+    return p
+
+
 def _probs_source(path: str | Path) -> Path:
     p = Path(path)
-    if p.name.endswith(".probs.csv") or p.suffix == ".npy":
-        if not p.is_file():
-            raise UserError(f"{p}: file not found; check the path")
-        return p
+    if p.name.endswith(".probs.csv") or p.suffix == ".npy" or p.is_dir():
+        return _need_file(p)
     paths = probs_paths(p)
     for key in ("npy", "csv"):
         if paths[key].is_file():
@@ -223,7 +257,16 @@ def _probs_source(path: str | Path) -> Path:
     )
 
 
-def _read_probs_full(path: str | Path) -> tuple[list[str], np.ndarray, list[str], dict]:
+def read_probs(
+    path: str | Path, kind: str = "auto"
+) -> tuple[list[str], np.ndarray, list[str], dict]:
+    """Read probabilities -> (ids, float32 N x K, classes, meta with "multi_label" and "kind").
+
+    `path`: a `.npy` (with `.ids.txt` / `.classes.txt` beside it), a `.probs.csv`, or the
+    submission CSV whose probabilities lie beside it. Without a classes file: the meta file's,
+    else "0".."K-1". Single- vs multi-label comes from the meta file, else the format of the
+    submission CSV beside it, else `kind` (--kind); UserError when none of them says.
+    """
     src = _probs_source(path)
     paths = probs_paths(src)
     meta = _read_meta(paths["meta"])
@@ -270,26 +313,31 @@ def _read_probs_full(path: str | Path) -> tuple[list[str], np.ndarray, list[str]
             f"{src}: values outside 0..1 (logits or NaN?); write softmax/sigmoid probabilities"
         )
     _check_unique(ids, paths["ids"] if src.suffix == ".npy" else src)
-    if "multi_label" not in meta:  # no meta file: softmax rows sum to 1, sigmoid rows need not
-        meta["multi_label"] = bool(p.size) and not np.allclose(p.sum(1), 1.0, atol=1e-3)
+    meta["multi_label"], meta["kind"] = _task_of(src, meta, kind)
     return ids, p, [str(c) for c in classes], meta
 
 
-def read_probs(path: str | Path) -> tuple[list[str], np.ndarray, list[str], bool]:
-    """Read probabilities -> (ids, float32 N x K, classes, multi_label).
-
-    `path`: a `.npy` (with `.ids.txt` / `.classes.txt` beside it), a `.probs.csv`, or the
-    submission CSV whose probabilities lie beside it. Without a classes file: the meta file's,
-    else "0".."K-1".
-    """
-    ids, p, classes, meta = _read_probs_full(path)
-    return ids, p, classes, bool(meta["multi_label"])
+def _task_of(src: Path, meta: dict, kind: str) -> tuple[bool, str | None]:
+    """(multi_label, submission kind) of probability file `src` from explicit information only:
+    its meta file, else the submission CSV beside it, else --kind."""
+    found = meta.get("kind") if meta.get("kind") in KINDS else None
+    found = found or _csv_kind_of(probs_paths(src)["submission"])
+    if "multi_label" in meta:
+        return bool(meta["multi_label"]), found
+    if found is None and kind in KINDS:
+        found = kind
+    if found is None:
+        raise UserError(
+            f"{src}: cannot tell single- from multi-label probabilities (no "
+            f"{probs_paths(src)['meta'].name} and no submission CSV beside it); pass --kind "
+            "single, mask or multi"
+        )
+    return found == "multi", found
 
 
 def _read_csv(path: Path, numeric: bool = False) -> pd.DataFrame:
     """CSV with ids kept as text ('007' stays '007'); numeric=True parses the other columns."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: file not found; check the path")
+    _need_file(path)
     try:
         header = pd.read_csv(path, nrows=0).columns
         dtype = {header[0]: str} if numeric and len(header) else str
@@ -350,7 +398,7 @@ def read_labels_csv(path: str | Path) -> tuple[list[str], np.ndarray, str, list[
         if any(x == "" for x in labels):
             row = next(k for k, x in enumerate(labels) if x == "")
             raise UserError(f"{path}: empty label for id '{ids[row]}'; fill in every label")
-        classes = sorted(set(labels.tolist()), key=_natural_key)
+        classes = sorted(set(labels.tolist()), key=natural_key)
     else:
         ids = df.iloc[:, 0].tolist()
         try:
@@ -367,11 +415,6 @@ def read_labels_csv(path: str | Path) -> tuple[list[str], np.ndarray, str, list[
     ids = [str(i) for i in ids]
     _check_unique(ids, path)
     return ids, labels, kind, classes
-
-
-def _natural_key(c: str):
-    s = str(c)
-    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
 
 
 # ---------------------------------------------------------------------------
@@ -457,12 +500,13 @@ def _predict(probs: np.ndarray, multi_label: bool, threshold: float = 0.5) -> np
 def score_probs(probs, y_true, metric: str = "accuracy", multi_label=False, threshold=0.5) -> float:
     """Validation score of probabilities: accuracy (exact match if multi-label) or macro-F1."""
     pred = _predict(np.asarray(probs), multi_label, threshold)
-    metric = metric.replace("_", "-").lower()
+    try:
+        metric = metric_name(metric)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
     if metric == "accuracy":
         return accuracy(y_true, pred)
-    if metric in ("macro-f1", "f1"):
-        return macro_f1(y_true, pred, n_classes=np.asarray(probs).shape[1])
-    raise ValueError(f"unknown metric '{metric}'; choose one of {METRICS}")
+    return macro_f1(y_true, pred, n_classes=np.asarray(probs).shape[1])
 
 
 def caruana_select(
@@ -561,12 +605,41 @@ def _align_classes(ref: list[str], classes: list[str], arr, path, ref_path=None,
     return np.asarray(arr)[:, [pos[key(c)] for c in ref]]
 
 
-def plot_confusion(cm, classes: Sequence[str], path: str | Path) -> Path:
-    """Save a row-normalised confusion-matrix heat map (counts written in small matrices)."""
-    import matplotlib  # lazy: only --confusion needs it
-
+def _pyplot(flag: str):
+    try:
+        import matplotlib  # lazy: only the plots need it
+    except ImportError:
+        raise UserError(f"{flag} needs matplotlib (pip install matplotlib); or drop it") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_plot_path(path: str | Path | None, flag: str = "--confusion") -> None:
+    """UserError now (before any work) when `path` cannot be a plot: a directory, a file type
+    matplotlib cannot write, or no matplotlib."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file such as {p / 'cm.png'}")
+    plt = _pyplot(flag)
+    fig = plt.figure()
+    kinds = fig.canvas.get_supported_filetypes()
+    plt.close(fig)
+    if p.suffix.lstrip(".").lower() not in kinds:
+        raise UserError(
+            f"{flag} {path}: cannot write a '{p.suffix or 'suffix-less'}' image; name it "
+            f"like cm.png (types: {', '.join(sorted(kinds))})"
+        )
+
+
+def plot_confusion(
+    cm, classes: Sequence[str], path: str | Path, out: Outputs | None = None
+) -> Path:
+    """Save a row-normalised confusion-matrix heat map (counts written in small matrices)."""
+    plt = _pyplot("--confusion")
 
     cm = np.asarray(cm)
     k = len(cm)
@@ -584,10 +657,12 @@ def plot_confusion(cm, classes: Sequence[str], path: str | Path) -> Path:
                 color = "white" if rates[i, j] > 0.5 else "black"
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
     fig.tight_layout()
-    fmt = Path(path).suffix.lstrip(".") or "png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
-    plt.close(fig)
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    try:
+        with _staged(out) as o:
+            fig.savefig(o.path(path), format=fmt, dpi=120)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -599,27 +674,30 @@ def _is_probs_file(path: str) -> bool:
     return str(path).endswith((".npy", ".probs.csv"))
 
 
-def parse_weights(text: str | None, n: int, what: str = "files") -> np.ndarray | None:
-    """--weights 1.5,1,1 -> one non-negative weight per input (None: equal weights)."""
-    if text is None:
+WEIGHTS = list_of(nonneg_float)  # the --weights flag type (vote.py and infer.py)
+
+
+def parse_weights(values, n: int, what: str = "files") -> np.ndarray | None:
+    """--weights (parsed by WEIGHTS, or text 1.5,1,1) -> one weight per input (None: equal)."""
+    if values is None:
         return None
     try:
-        w = [float(x) for x in str(text).replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise UserError(f"--weights: cannot parse '{text}'; give numbers like 1.5,1,1") from None
+        w = WEIGHTS(values) if isinstance(values, str) else list(np.ravel(values).astype(float))
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"--weights: {e}") from None
     if len(w) != n:
         raise UserError(f"--weights: {len(w)} values for {n} {what}; give one weight for each")
-    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-        raise UserError(f"--weights: '{text}' needs non-negative weights with a positive sum")
-    return np.array(w)
+    if sum(w) <= 0:
+        raise UserError(f"--weights: {values} sum to zero; give at least one positive weight")
+    return np.array(w, dtype=np.float64)
 
 
-def _load_probs_set(files: Sequence[str]):
+def _load_probs_set(files: Sequence[str], kind: str = "auto"):
     """Read probability files, rows and columns aligned to the first one."""
-    ids, p0, classes, meta = _read_probs_full(files[0])
+    ids, p0, classes, meta = read_probs(files[0], kind)
     probs = [p0]
     for f in files[1:]:
-        ids_f, p, cls_f, meta_f = _read_probs_full(f)
+        ids_f, p, cls_f, meta_f = read_probs(f, kind)
         if meta_f["multi_label"] != meta["multi_label"]:
             raise UserError(
                 f"{f}: multi_label={meta_f['multi_label']} but {files[0]} has "
@@ -630,19 +708,14 @@ def _load_probs_set(files: Sequence[str]):
     return ids, probs, classes, meta
 
 
-def _kind_beside(path: str) -> str | None:
-    """Submission kind recorded for a probability file: its meta, else the CSV beside it."""
-    paths = probs_paths(path)
-    kind = _read_meta(paths["meta"]).get("kind")
-    if kind in KINDS:
-        return kind
-    sub = paths["submission"]
-    if sub.is_file():
-        try:
-            return _csv_kind([str(c).strip() for c in pd.read_csv(sub, nrows=0).columns])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
-            return None
-    return None
+def _csv_kind_of(sub: Path) -> str | None:
+    """The kind of submission CSV `sub` from its header, or None when there is none."""
+    if not sub.is_file():
+        return None
+    try:
+        return _csv_kind([str(c).strip() for c in pd.read_csv(sub, nrows=0).columns])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+        return None
 
 
 def _resolve_kind(flag: str, found: str | None, multi: bool) -> str:
@@ -683,13 +756,13 @@ def _labels_for(path, ids, classes, multi: bool, extend: bool):
                 f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}); "
                 "pass the labels of this task"
             )
-        classes += sorted({n for n in names if n not in classes}, key=_natural_key)
+        classes += sorted({n for n in names if n not in classes}, key=natural_key)
     index = {c: k for k, c in enumerate(classes)}
     return np.array([index[n] for n in names], dtype=np.int64), classes
 
 
 def _soft(args, files, weights):
-    ids, probs, classes, meta = _load_probs_set(files)
+    ids, probs, classes, meta = _load_probs_set(files, args.kind)
     multi = bool(meta["multi_label"])
     selection = None
     if args.select == "caruana":
@@ -699,7 +772,7 @@ def _soft(args, files, weights):
         labels = _predict(p, True, args.threshold)
     else:
         labels = np.asarray(classes, dtype=object)[p.argmax(1)]
-    kind = _resolve_kind(args.kind, _kind_beside(files[0]), multi)
+    kind = _resolve_kind(args.kind, meta["kind"], multi)
     return ids, labels, classes, multi, kind, p, weights, selection
 
 
@@ -711,7 +784,7 @@ def _caruana(args, classes, multi):
             f"--val-probs: {len(args.val_probs)} files for {len(args.files)} FILEs; give one "
             "validation probability file per FILE, in the same order"
         )
-    vids, vprobs, vclasses, vmeta = _load_probs_set(args.val_probs)
+    vids, vprobs, vclasses, vmeta = _load_probs_set(args.val_probs, args.kind)
     if bool(vmeta["multi_label"]) != multi:
         raise UserError(f"{args.val_probs[0]}: multi_label differs from {args.files[0]}")
     vprobs = [
@@ -751,12 +824,12 @@ def _hard(args, files, weights):
     per_file = []
     for f in files:
         if _is_probs_file(f):
-            ids, p, classes, meta = _read_probs_full(f)
+            ids, p, classes, meta = read_probs(f, args.kind)
             if meta["multi_label"]:
                 per_file.append((ids, _predict(p, True, args.threshold), "multi", classes))
             else:
                 names = np.asarray(classes, dtype=object)[p.argmax(1)]
-                per_file.append((ids, names, _kind_beside(f) or "single", classes))
+                per_file.append((ids, names, meta["kind"] or "single", classes))
         else:
             ids, labels, kind, classes = read_labels_csv(f)
             if kind == "mask":
@@ -766,10 +839,13 @@ def _hard(args, files, weights):
     for f, (_, _, kind, _) in zip(files, per_file):
         if (kind == "multi") != multi:
             raise UserError(f"{f}: multi-label and single-label files cannot be voted together")
+    mapped: list[list[str]] = []  # class orders of mask files mapped to names
+    if not multi:
+        per_file, mapped = _mask_answers_as_names(files, per_file)
     ids = per_file[0][0]
     tie = None
     if args.tiebreak == "probs":
-        _, tie_probs, tie_classes, _ = _load_probs_set(files)
+        _, tie_probs, tie_classes, _ = _load_probs_set(files, args.kind)
         tie = (tie_classes, soft_vote(tie_probs, weights))
     kind = _resolve_kind(args.kind, per_file[0][2], multi)
     if multi:
@@ -784,11 +860,11 @@ def _hard(args, files, weights):
         pred = hard_vote_multi(stack, weights, t, args.threshold)
         return ids, pred, classes, True, kind
     # Class order: that of the probabilities (so tie-break columns line up), then the rest.
-    prob_classes = [c for f, (_, _, _, c) in zip(files, per_file) if _is_probs_file(f)]
+    prob_classes = [c for f, (_, _, _, c) in zip(files, per_file) if _is_probs_file(f)] + mapped
     classes = list(tie[0]) if tie else list(prob_classes[0]) if prob_classes else []
     seen = set(classes)
     extra = {str(x) for _, lab, _, _ in per_file for x in lab if str(x) not in seen}
-    classes += sorted(extra, key=_natural_key)
+    classes += sorted(extra, key=natural_key)
     index = {c: k for k, c in enumerate(classes)}
     cols = [
         align(ids, i, np.array([index[str(x)] for x in lab], dtype=np.int64), f, files[0])
@@ -798,8 +874,44 @@ def _hard(args, files, weights):
     return ids, np.asarray(classes, dtype=object)[pred], classes, False, kind
 
 
-def _report_scores(args, ids, labels, classes, multi) -> dict:
-    """Score the vote against --labels; print accuracy, macro-F1 and per-class accuracy."""
+def _mask_answers_as_names(files, per_file) -> tuple[list, list[list[str]]]:
+    """Mask submissions (`ans` = class number) voted with files labelled by class name: their
+    numbers mapped to names through the classes their meta file records; refused without it.
+    Returns the new per-file list and the class lists used."""
+    named = next(
+        (f for f, (_, lab, _, _) in zip(files, per_file) if any(not _is_int(x) for x in lab)),
+        None,
+    )
+    if named is None:
+        return per_file, []  # every file labels by number: one namespace
+    out, mapped = [], []
+    for f, (ids, lab, kind, classes) in zip(files, per_file):
+        if kind == "mask" and not _is_probs_file(f):
+            meta_file = probs_paths(f)["meta"]
+            names = _read_meta(meta_file).get("classes")
+            if not names:
+                raise UserError(
+                    f"{f}: a mask submission (ans = class number) cannot be voted with {named} "
+                    f"(labelled by class name) without its classes; keep {meta_file.name} beside "
+                    "it (infer.py --return-probs writes it) or vote files of one format"
+                )
+            bad = next((x for x in lab if not 0 <= int(x) < len(names)), None)
+            if bad is not None:
+                raise UserError(f"{f}: ans {bad} is not a class of {meta_file} ({len(names)})")
+            lab, classes = np.array([str(names[int(x)]) for x in lab], dtype=object), list(names)
+            mapped.append(classes)
+        out.append((ids, lab, kind, classes))
+    return out, mapped
+
+
+def _is_int(x) -> bool:
+    return str(x).lstrip("-").isdigit()
+
+
+def _report_scores(args, ids, labels, classes, multi) -> tuple[dict, tuple | None]:
+    """Score the vote against --labels; print accuracy, macro-F1 and per-class accuracy.
+
+    Returns the scores and (confusion matrix, classes) when --confusion asks for the plot."""
     if multi:
         y, classes = _labels_for(args.labels, ids, classes, True, extend=True)
         pred = np.asarray(labels)
@@ -820,12 +932,8 @@ def _report_scores(args, ids, labels, classes, multi) -> dict:
         )
     name = "exact-match accuracy" if multi else "accuracy"
     print(f"{name} {acc:.4f}  macro-F1 {f1:.4f}  ({len(y)} rows, labels {args.labels})")
-    if args.confusion:
-        if multi:
-            raise UserError("--confusion: only for single-label votes; drop it")
-        plot_confusion(confusion_matrix(y, pred, k), classes, args.confusion)
-        print(f"confusion matrix -> {args.confusion}")
-    return {"accuracy": acc, "macro_f1": f1}
+    cm = (confusion_matrix(y, pred, k), classes) if args.confusion and not multi else None
+    return {"accuracy": acc, "macro_f1": f1}, cm
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -851,7 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: soft if every FILE is a .npy / .probs.csv, else hard; soft on a submission "
         "CSV reads the probabilities beside it",
     )
-    p.add_argument("--weights", help="one weight per FILE, e.g. 1.5,1,1; unset: equal weights")
+    p.add_argument(
+        "--weights", type=WEIGHTS, help="one weight per FILE, e.g. 1.5,1,1; unset: equal weights"
+    )
     p.add_argument("--out", default="vote.csv", help="submission CSV to write")
     p.add_argument(
         "--kind",
@@ -868,7 +978,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--probs-format", choices=["npy", "csv"], default="npy", help="for --return-probs"
     )
     p.add_argument(
-        "--threshold", type=float, default=0.5, help="multi-label: predict a class at prob >= this"
+        "--threshold",
+        type=probability,
+        default=0.5,
+        help="multi-label: predict a class at prob >= this",
     )
     p.add_argument(
         "--tiebreak",
@@ -893,12 +1006,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-probs", nargs="+", help="validation probabilities, one per FILE, same order"
     )
     g.add_argument("--val-labels", help="validation labels CSV (id,label or index + 0/1 columns)")
-    g.add_argument("--iters", type=int, default=50, help="selection steps")
-    g.add_argument("--init-sorted", type=int, default=5, help="start from the best N of this many")
-    g.add_argument("--metric", choices=METRICS, default="accuracy", help="selection metric")
+    g.add_argument("--iters", type=nonneg_int, default=50, help="selection steps")
+    g.add_argument(
+        "--init-sorted", type=positive_int, default=5, help="start from the best N of this many"
+    )
+    g.add_argument(
+        "--metric",
+        type=metric_name,
+        default="accuracy",
+        help=f"selection metric: {' or '.join(METRICS)} (aliases acc, f1)",
+    )
     g.add_argument("--no-replacement", action="store_true", help="add each model at most once")
     add_common_flags(p)
     return p
+
+
+def _companions(path) -> list[Path]:
+    """`path` and the files read with it (probabilities, ids, classes, meta, submission)."""
+    return [Path(path)] + [p for p in probs_paths(path).values() if p.is_file()]
+
+
+def _inputs(args) -> list[tuple[str, Path]]:
+    out = [("FILE", p) for f in args.files for p in _companions(f)]
+    out += [("--val-probs", p) for f in args.val_probs or [] for p in _companions(f)]
+    out += [
+        (flag, getattr(args, flag[2:].replace("-", "_"))) for flag in ("--labels", "--val-labels")
+    ]
+    return out + [("--config", args.config)]
+
+
+def _outputs(args) -> list[tuple[str, Path]]:
+    """Every file this vote writes, refused when two of them are the same file."""
+    outs = [("--out", Path(args.out))]
+    if args.return_probs:
+        keys = ("npy", "ids", "classes") if args.probs_format == "npy" else ("csv",)
+        paths = probs_paths(args.out)
+        outs += [("--return-probs", paths[k]) for k in (*keys, "meta")]
+    if args.confusion:
+        outs.append(("--confusion", Path(args.confusion)))
+    seen: dict[str, str] = {}
+    for flag, p in outs:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise UserError(f"{flag} {p}: is also the {seen[key]} output; give it another name")
+        seen[key] = flag
+    return outs
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -920,8 +1072,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             mode = "soft" if all(_is_probs_file(f) for f in files) else "hard"
         if args.return_probs and mode == "hard":
             raise UserError("--return-probs: a hard vote has no probabilities; use --mode soft")
-        if not 0.0 <= args.threshold <= 1.0:
-            raise UserError(f"--threshold: {args.threshold} is not a probability in 0..1")
+        if args.confusion and not args.labels:
+            raise UserError("--confusion: needs --labels (the truth to compare with)")
+        refuse_output_on_input(_outputs(args), _inputs(args))
+        check_plot_path(args.confusion)
         selection = probs = None
         if mode == "soft":
             ids, labels, classes, multi, kind, probs, weights, selection = _soft(
@@ -929,12 +1083,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
         else:
             ids, labels, classes, multi, kind = _hard(args, files, weights)
-        scores = _report_scores(args, ids, labels, classes, multi) if args.labels else {}
-        written = [write_submission(args.out, ids, labels, kind, classes)]
-        if args.return_probs:
-            written += write_probs(
-                args.out, ids, probs, classes, multi, args.probs_format, kind=kind
-            )
+        scores, cm = (
+            _report_scores(args, ids, labels, classes, multi) if args.labels else ({}, None)
+        )
+        if args.confusion and cm is None:
+            raise UserError("--confusion: only for single-label votes; drop it")
+        with Outputs() as out:  # every output becomes visible together, or none
+            written = [write_submission(args.out, ids, labels, kind, classes, out=out)]
+            if args.return_probs:
+                written += write_probs(
+                    args.out, ids, probs, classes, multi, args.probs_format, kind=kind, out=out
+                )
+            if cm is not None:
+                written.append(plot_confusion(*cm, args.confusion, out=out))
     w_text = "equal" if weights is None else ",".join(f"{w:g}" for w in weights)
     score_text = "".join(f", {k.replace('_', '-')} {v:.4f}" for k, v in scores.items())
     print(

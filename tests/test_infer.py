@@ -185,8 +185,9 @@ def test_end_to_end_trained_checkpoint(tiny_idx, tmp_path, capsys):
     assert r["split"] == "test" and r["images"] == 30 and len(r["views"]) == 2
     df = pd.read_csv(out, dtype=str)
     assert list(df.columns) == ["id", "label"] and len(df) == 30
-    ids, probs, classes, ml = vote.read_probs(out)
-    assert ids == df["id"].tolist() and probs.shape == (30, len(classes)) and not ml
+    ids, probs, classes, meta = vote.read_probs(out)
+    assert ids == df["id"].tolist() and probs.shape == (30, len(classes))
+    assert not meta["multi_label"]
     assert df["label"].tolist() == [classes[k] for k in probs.argmax(1)]
     assert (tmp_path / "cm.png").stat().st_size > 0
     assert 0 <= r["metrics"]["accuracy"] <= 1 and "macro_f1" in r["metrics"]
@@ -275,8 +276,8 @@ def test_multilabel_threshold_and_tuning(tmp_path, capsys):
     assert r["split"] == "all" and r["images"] == 24
     df = pd.read_csv(out, dtype={"index": str})
     assert list(df.columns) == ["index", "cat", "dog", "owl"] and df["index"].tolist()[0] == "000"
-    ids, probs, classes, ml = vote.read_probs(out)
-    assert ml and classes == ["cat", "dog", "owl"]
+    ids, probs, classes, meta = vote.read_probs(out)
+    assert meta["multi_label"] and classes == ["cat", "dog", "owl"]
     assert (df[CLS].to_numpy() == (probs >= 0.45)).all()
     assert "exact-match accuracy" in capsys.readouterr().out
     # per-class thresholds tuned on the checkpoint's val split, saved beside the output

@@ -180,8 +180,8 @@ def test_probs_round_trip(tmp_path, fmt, multi):
     assert all(w.is_file() for w in written)
     direct = tmp_path / ("pred.npy" if fmt == "npy" else "pred.probs.csv")
     for path in (direct, sub):  # the probability file itself or the submission beside it
-        got_ids, got, got_classes, got_multi = vote.read_probs(path)
-        assert got_ids == ids and got_classes == classes and got_multi == multi
+        got_ids, got, got_classes, meta = vote.read_probs(path)
+        assert got_ids == ids and got_classes == classes and meta["multi_label"] == multi
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, p, rtol=1e-6)
 
@@ -261,9 +261,9 @@ def test_cli_soft_vote_weights_return_probs_and_scores(tmp_path):
     # weighted means: a (.62,.38) -> 0; b (.56,.44) -> 0; c (.42,.58) -> 1
     assert res["mode"] == "soft"
     assert _csv_rows(out) == [["a", "0"], ["b", "0"], ["c", "1"]]
-    got_ids, got, got_classes, multi = vote.read_probs(out)
+    got_ids, got, got_classes, meta = vote.read_probs(out)
     want = (1.5 * p1 + p2) / 2.5
-    assert got_ids == ids and got_classes == classes and not multi
+    assert got_ids == ids and got_classes == classes and not meta["multi_label"]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert res["scores"]["accuracy"] == pytest.approx(1.0)
     assert png.is_file() and png.stat().st_size > 0
@@ -361,3 +361,164 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "b.npy: id '2' is not in" in err
     assert not (tmp_path / "o.csv").exists()
+
+
+# ---------------------------------------------------------------------------
+# Guarantees: explicit task, outputs never on inputs, all outputs or none
+
+
+def _exit2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        vote.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_weighted_soft_vote_of_five_matches_hand_computation(tmp_path):
+    ids, classes = ["r0", "r1"], ["a", "b", "c"]
+    members = [
+        [[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]],
+        [[0.1, 0.6, 0.3], [0.3, 0.4, 0.3]],
+        [[0.2, 0.5, 0.3], [0.2, 0.5, 0.3]],
+        [[0.6, 0.2, 0.2], [0.1, 0.2, 0.7]],
+        [[0.2, 0.2, 0.6], [0.3, 0.4, 0.3]],
+    ]
+    files = []
+    for k, p in enumerate(members):
+        vote.write_probs(tmp_path / f"m{k}.csv", ids, np.array(p), classes)
+        files.append(str(tmp_path / f"m{k}.npy"))
+    out = tmp_path / "v.csv"
+    vote.main([*files, "--weights", "1.5,1,1,1,1", "--out", str(out), "--return-probs"])
+    # by hand, sum of w*p / 5.5: r0 a = (.75+.1+.2+.6+.2)/5.5 = 1.85/5.5, b = (.45+.6+.5+.2+.2)
+    # /5.5 = 1.95/5.5, c = 1.7/5.5 -> b; r1 a = 1.05/5.5, b = 1.65/5.5, c = 2.8/5.5 -> c
+    want = np.array([[1.85, 1.95, 1.7], [1.05, 1.65, 2.8]]) / 5.5
+    _, got, _, _ = vote.read_probs(out)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert _csv_rows(out) == [["r0", "b"], ["r1", "c"]]
+
+
+def test_out_onto_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    p = np.array([[0.7, 0.3], [0.2, 0.8]])
+    for k in range(2):
+        vote.write_submission(tmp_path / f"m{k}.csv", ["1", "2"], p.argmax(1), "single", ["n", "y"])
+        vote.write_probs(tmp_path / f"m{k}.csv", ["1", "2"], p, ["n", "y"])
+    a, b = str(tmp_path / "m0.npy"), str(tmp_path / "m1.npy")
+    before = {f: f.read_bytes() for f in tmp_path.iterdir()}
+    for argv in (
+        [a, b, "--out", a],  # the CSV would land on the .npy being voted
+        [a, b, "--out", str(tmp_path / "m1.csv")],  # m1's own submission, read for its kind
+        [
+            a,
+            b,
+            "--out",
+            str(tmp_path / "v.csv"),
+            "--return-probs",
+            "--labels",
+            str(tmp_path / "m0.csv"),
+            "--confusion",
+            a,
+        ],  # fmt: skip
+        [str(tmp_path / "m0.csv"), str(tmp_path / "m1.csv"), "--out", str(tmp_path / "m0.csv")],
+    ):
+        err = _exit2(argv, capsys)
+        assert "is the input" in err or "also the" in err
+    assert {f: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_rows_not_summing_to_one_without_meta_are_ambiguous(tmp_path, capsys):
+    ids = ["1", "2"]
+    p = np.array([[0.9, 0.8], [0.1, 0.3]], dtype=np.float32)  # sigmoid-like rows
+    for k in range(2):
+        np.save(tmp_path / f"m{k}.npy", p)
+        (tmp_path / f"m{k}.ids.txt").write_text("1\n2\n")
+    files = [str(tmp_path / "m0.npy"), str(tmp_path / "m1.npy")]
+    out = tmp_path / "v.csv"
+    err = _exit2([*files, "--out", str(out)], capsys)
+    assert "m0.npy" in err and "single- from multi-label" in err and "--kind" in err
+    assert not out.exists()
+    # the flag decides, both ways (never the row sums)
+    vote.main([*files, "--out", str(out), "--kind", "multi"])
+    assert out.read_text().splitlines() == ["index,0,1", "1,1,1", "2,0,0"]
+    vote.main([*files, "--out", str(out), "--kind", "single"])
+    assert _csv_rows(out) == [["1", "0"], ["2", "1"]]
+    # a submission CSV beside the probabilities says it too (here: single-label)
+    vote.write_submission(tmp_path / "m0.csv", ids, ["0", "1"])
+    vote.write_submission(tmp_path / "m1.csv", ids, ["0", "1"])
+    assert vote.main([*files, "--out", str(out)])["kind"] == "single"
+
+
+def test_mask_submission_with_named_one_mapped_or_refused(tmp_path, capsys):
+    ids = ["x.jpg", "y.jpg"]
+    classes = ["wear_m", "wear_f", "none_m"]
+    mask = vote.write_submission(tmp_path / "mask.csv", ids, [1, 2], "mask")
+    named = vote.write_submission(tmp_path / "named.csv", ids, ["wear_f", "wear_m"])
+    named2 = vote.write_submission(tmp_path / "named2.csv", ids, ["wear_m", "wear_m"])
+    out = tmp_path / "v.csv"
+    err = _exit2([str(mask), str(named), str(named2), "--out", str(out)], capsys)
+    assert "mask.csv" in err and "named.csv" in err and "classes" in err
+    assert not out.exists()
+    # with its classes recorded beside it, ans 1 = wear_f, 2 = none_m: the votes line up
+    p = np.eye(3)[[1, 2]]
+    vote.write_probs(mask, ids, p, classes, kind="mask", fmt="csv")
+    r = vote.main([str(mask), str(named), str(named2), "--out", str(out)])
+    # x: wear_f, wear_f, wear_m -> wear_f (ans 1); y: none_m, wear_m, wear_m -> wear_m (ans 0)
+    assert r["kind"] == "mask" and out.read_text().splitlines() == [
+        "ImageID,ans",
+        "x.jpg,1",
+        "y.jpg,0",
+    ]
+
+
+def test_confusion_failure_leaves_no_outputs(tmp_path, capsys):
+    ids, classes = ["a", "b"], ["0", "1"]
+    p = np.array([[0.9, 0.1], [0.3, 0.7]])
+    files = []
+    for k in range(2):
+        vote.write_probs(tmp_path / f"m{k}.csv", ids, p, classes)
+        files.append(str(tmp_path / f"m{k}.npy"))
+    labels = vote.write_submission(tmp_path / "truth.csv", ids, ["0", "1"])
+    out = tmp_path / "v.csv"
+    (tmp_path / "adir").mkdir()
+    base = [*files, "--out", str(out), "--return-probs", "--labels", str(labels)]
+    err = _exit2([*base, "--confusion", str(tmp_path / "adir")], capsys)
+    assert "is a directory" in err
+    err = _exit2([*base, "--confusion", str(tmp_path / "cm.notanimage")], capsys)
+    assert "cm.notanimage" in err and "png" in err
+    assert not out.exists() and not (tmp_path / "v.npy").exists()
+    r = vote.main([*base, "--confusion", str(tmp_path / "cm.png"), "--metric", "f1"])
+    assert out.exists() and (tmp_path / "cm.png").stat().st_size > 0
+    assert r["scores"]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "flag,value,words",
+    [
+        ("--threshold", "1.5", "[0, 1]"),
+        ("--threshold", "nan", "not finite"),
+        ("--iters", "-1", ">= 0"),
+        ("--init-sorted", "0", ">= 1"),
+        ("--weights", "1,-2", ">= 0"),
+        ("--weights", "1,x", "not a number"),
+        ("--metric", "auc", "accuracy"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors(tmp_path, capsys, flag, value, words):
+    err = _exit2(["a.npy", "b.npy", flag, value, "--out", str(tmp_path / "v.csv")], capsys)
+    assert flag in err and words in err
+
+
+def test_directory_as_input_says_so(tmp_path, capsys):
+    (tmp_path / "d.npy").mkdir()
+    err = _exit2([str(tmp_path / "d.npy"), "--out", str(tmp_path / "v.csv")], capsys)
+    assert "is a directory" in err
+
+
+def test_metric_aliases_are_one_vocabulary():
+    y = np.array([0, 1, 1])
+    p = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    assert vote.score_probs(p, y, "f1") == vote.score_probs(p, y, "macro-f1")
+    assert (
+        vote.score_probs(p, y, "acc") == vote.score_probs(p, y, "accuracy") == pytest.approx(2 / 3)
+    )
+    assert common.metric_name("macro_f1") == "macro-f1" and common.metric_name("ACC") == "accuracy"
