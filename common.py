@@ -36,7 +36,9 @@ def write_error(path: str | os.PathLike, e: BaseException) -> UserError | None:
     """The one-line UserError for a failed write of `path`, or None when `e` is not an I/O failure."""
     if isinstance(e, UserError):
         return e
-    if isinstance(e, OSError):
+    if isinstance(e, OSError) and e.errno is None and "requested and" in str(e):
+        why, code = f"short write: {e} (disk full?)", errno.ENOSPC  # numpy's tofile
+    elif isinstance(e, OSError):
         why, code = e.strerror or str(e), e.errno
     elif isinstance(e, RuntimeError) and any(
         s in str(e)
@@ -93,6 +95,15 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
+def _remove_temp(tmp: str) -> None:
+    """Delete a temp file, emptied first: a failed writer (torch.save) may keep it open from a
+    traceback's frames, and an open unlinked file would keep its disk space."""
+    with contextlib.suppress(OSError):
+        os.truncate(tmp, 0)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temp path beside `path`; on success it replaces `path` atomically.
@@ -107,8 +118,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _remove_temp(tmp)
         err = write_error(path, e)
         if err is None or err is e:
             raise
@@ -166,8 +176,7 @@ class Outputs:
 
     def abort(self) -> None:
         for tmp, _ in self.staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _remove_temp(tmp)
         self.staged = []
 
     def __enter__(self) -> Outputs:
@@ -177,9 +186,10 @@ class Outputs:
         if kind is None:
             self.commit()
             return
+        # the file being written when it failed: the last one staged
+        where = self.staged[-1][1] if self.staged else "output"
         self.abort()
         if e is not None and not isinstance(e, UserError):
-            where = self.staged[0][1] if self.staged else "output"
             err = write_error(where, e)
             if err is not None:
                 raise err from None
@@ -213,13 +223,15 @@ def recover_dir(final: str | os.PathLike) -> None:
     final = Path(final)
     if not final.parent.is_dir():
         return
+    old, staging = f".{final.name}.old", f".{final.name}.staging"
     for p in final.parent.glob(f".{final.name}.*-*"):
         kind, _, pid = p.name.rpartition("-")
-        if not pid.isdigit() or _alive(int(pid)):
+        # exactly this directory's leftovers (".run.v2.old-7" belongs to "run.v2", not "run")
+        if kind not in (old, staging) or not pid.isdigit() or _alive(int(pid)):
             continue
-        if kind.endswith(".old") and not final.exists():
+        if kind == old and not final.exists():
             os.replace(p, final)
-        elif kind.endswith((".old", ".staging")):
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -264,6 +276,11 @@ class DirLock:
                         f"{self.target}: in use by another command (pid {pid}, lock {self.file}); "
                         f"wait for it to finish or choose another {self.flag}"
                     ) from None
+                if pid is None and self._age() < 10:  # just created, its pid not written yet
+                    raise UserError(
+                        f"{self.target}: being taken by another command (lock {self.file}); "
+                        f"wait for it to finish or choose another {self.flag}"
+                    ) from None
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.file)  # stale: its owner was killed
                 continue
@@ -272,6 +289,12 @@ class DirLock:
             self.held = True
             return self
         raise UserError(f"{self.file}: cannot take the lock; remove it if no command is running")
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.file.stat().st_mtime
+        except OSError:
+            return float("inf")
 
     def holder(self) -> int | None:
         try:
@@ -475,13 +498,30 @@ def _config_value(action: argparse.Action, v, where: str):
     """A config value checked as the flag would check it on the command line."""
     if v is None:
         return v
+    if action.nargs == 0:  # store_true / store_false / --x/--no-x: only a JSON true or false
+        if not isinstance(v, bool):
+            raise UserError(f"{where}: {v!r} is not true or false; fix the value")
+        return v  # the value of the flag's dest, as set_defaults takes it
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    one_list = getattr(action.type, "is_list", False)  # list_of: one value holding a list
+    if isinstance(v, (dict, bool)) or (isinstance(v, list) and not many and not one_list):
+        raise UserError(f"{where}: {json.dumps(v)} is not a value of this flag; fix the value")
     try:
-        if action.type is not None and not isinstance(v, (list, dict, bool)):
+        if isinstance(v, list) and many:
+            v = [action.type(str(x)) if action.type else x for x in v]
+        elif isinstance(v, list):  # one list_of value (e.g. comma-separated fractions)
+            if any(isinstance(x, (list, dict, bool)) for x in v):
+                raise ValueError(f"{json.dumps(v)} is not a flat list")
+            v = action.type(",".join(map(str, v)))
+        elif action.type is not None:
             v = action.type(str(v))
-        elif action.type is not None and isinstance(v, list):
-            v = [action.type(str(x)) for x in v]
     except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}; fix the value") from None
+    if action.choices is not None and isinstance(v, list) and many:
+        for x in v:
+            if x not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise UserError(f"{where}: {x!r} is not one of {choices}; fix the value")
     if action.choices is not None and not isinstance(v, list) and v not in action.choices:
         choices = ", ".join(map(str, action.choices))
         raise UserError(f"{where}: {v!r} is not one of {choices}; fix the value")
@@ -562,6 +602,7 @@ def list_of(item: Callable[[str], object], min_len: int = 1) -> Callable[[str], 
         return [item(s) for s in parts]
 
     check.__name__ = f"comma-separated list of {getattr(item, '__name__', 'values')}"
+    check.is_list = True  # a config file may give it as a JSON list
     return check
 
 
