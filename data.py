@@ -54,7 +54,10 @@ PARTS = ("train", "test")
 SPLITS = ("train", "val", "test", "all")
 AUGS = ("none", "flip", "vflip", "crop", "rot90", "randaug", "cutout")
 MIXES = ("cutmix", "mixup")
-CACHE_VERSION = 1
+# 2: missing labels refused, classes.txt in the key (entries of version 1 may hold a "nan" class)
+CACHE_VERSION = 2
+# Cells that mean "no label" (pandas' NA spellings); a label column may not hold them.
+MISSING_LABELS = {"", "nan", "na", "n/a", "<na>", "null", "none", "nat", "-nan", "#n/a"}
 # Thread decoding only pays off for large images: PIL releases the GIL while decoding, but for
 # 28x28 PNGs the per-file Python overhead dominates and threads are ~2x slower (measured).
 THREAD_MIN_PIXELS = 96 * 96
@@ -325,9 +328,13 @@ def _label_classes(
 ) -> tuple[np.ndarray, list[str]]:
     """Map label strings to indices: a given class list, else ints as-is, else sorted names."""
     vals = [str(v).strip() for v in values]
-    if any(v == "" for v in vals):
-        row = next(i for i, v in enumerate(vals) if v == "")
-        raise UserError(f"{where}: row {row + 2} has an empty '{column}'; fill in every label")
+    missing = next((i for i, v in enumerate(vals) if v.lower() in MISSING_LABELS), None)
+    if missing is not None:
+        what = f"a missing label ({vals[missing]!r})" if vals[missing] else "an empty label"
+        raise UserError(
+            f"{where}: row {missing + 2} has {what} in '{column}'; fill in every label "
+            "(a missing label is not a class)"
+        )
     if given is None:
         if all(_is_int(v) for v in vals):
             ints = np.array([int(float(v)) for v in vals], dtype=np.int64)
@@ -1465,7 +1472,9 @@ def _cache_key(fmt: str, part: str, root: Path, src: Source, opts: Opts) -> str:
         "extra": src.extra_key,
     }
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
-    for f in src.files:
+    # Everything that changes decoding or labels: the loader's files, and a classes.txt beside
+    # the data (names IDX/CSV classes) even when it appears after the first load.
+    for f in [*src.files, (root if root.is_dir() else root.parent) / "classes.txt"]:
         try:
             st = os.stat(f)
             h.update(f"\n{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -1561,7 +1570,19 @@ def load_images(
         label_column,
         quiet,
     )
-    src = FORMATS[fmt](root, part, opts)
+    ds = _decode_cached(fmt, part, root, FORMATS[fmt](root, part, opts), opts, cache, cache_dir)
+    if ds.has_labels and not ds.multi_label and len(ds.classes) < 2:
+        raise UserError(
+            f"{root}: only one class ({', '.join(ds.classes) or 'none'}); a classifier needs at "
+            "least two classes: add labelled images of another class"
+        )
+    return ds
+
+
+def _decode_cached(
+    fmt: str, part: str, root: Path, src: Source, opts: Opts, cache: bool, cache_dir
+) -> ImageSet:
+    """The part a loader found, from the .npy cache when its key matches, else decoded."""
     paths = None
     if cache:
         key = _cache_key(fmt, part, root, src, opts)

@@ -663,3 +663,52 @@ def test_map_labels_onto_checkpoint_classes():
     unlabelled.has_labels = False
     with pytest.raises(data.ClassMismatchError, match="no labels"):
         data.map_labels(unlabelled, ck)
+
+
+# ---------------------------------------------------------------------------
+# Labels: a missing label is no class, one class is no classifier, the key covers the labels
+
+
+@pytest.mark.parametrize("cell", ["", "NaN", "nan", "NA", "null", "None"])
+def test_missing_label_refused(tmp_path, cell):
+    root = make_csv_set(tmp_path / "c")
+    rows = (root / "train.csv").read_text().splitlines()
+    rows[3] = f"im2.png,{cell}"
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"row 4 has (an empty|a missing) label.*not a class"):
+        data.load_images(root)
+
+
+def test_missing_letter_in_pixels_csv_refused(tmp_path):
+    write_pixels_csv(tmp_path / "train.csv", 6)
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    cells = rows[2].split(",")
+    cells[2] = ""  # the letter of row 3
+    rows[2] = ",".join(cells)
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match="row 3 has a missing label .* in 'letter'"):
+        data.load_images(tmp_path / "train.csv")
+
+
+def test_one_class_refused_in_every_format(tmp_path):
+    root = make_csv_set(tmp_path / "c", n=4)
+    (root / "train.csv").write_text("file,label\n" + "".join(f"im{i}.png,a\n" for i in range(4)))
+    with pytest.raises(UserError, match=r"only one class \(a\); a classifier needs at least two"):
+        data.load_images(root)
+    idx = tmp_path / "i"
+    write_idx(idx, "train", images(6), np.zeros(6))
+    (idx / "classes.txt").write_text("only\n")
+    with pytest.raises(UserError, match=r"only one class \(only\)"):
+        data.load_images(idx)
+    with pytest.raises(UserError, match="only one class folder"):
+        data.load_images(make_folder(tmp_path / "f", classes=("cat",)))
+
+
+def test_classes_txt_added_later_is_not_hidden_by_the_cache(tmp_path):
+    root = tmp_path / "i"
+    write_idx(root, "train", images(6), np.arange(6) % 2)
+    assert data.load_images(root).classes[:2] == ["0", "1"]
+    (root / "classes.txt").write_text("" + "\n".join(f"c{k}" for k in range(10)) + "\n")
+    again = data.load_images(root)
+    assert again.info["cached"] is False and again.classes[:2] == ["c0", "c1"]
+    assert data.load_images(root).info["cached"] is True  # and cached under the new key
