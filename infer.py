@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,12 +32,23 @@ import models
 import train
 import vote
 from common import (
+    Outputs,
     UserError,
+    accuracy,
     add_common_flags,
+    brief,
     cli_errors,
+    confusion_matrix,
+    float_range,
     format_table,
+    macro_f1,
     parse_args,
-    write_json,
+    per_class_accuracy,
+    positive_float,
+    positive_int,
+    probability,
+    refuse_output_on_input,
+    size2,
 )
 
 TTA_NAMES = ("flip", "vflip", "rot90", "shift", "scale", "five-crop")
@@ -271,73 +283,79 @@ def tune_thresholds(
 def exact_match(probs: np.ndarray, labels: np.ndarray, thresholds) -> float:
     """Exact-match accuracy of thresholded multi-label probabilities."""
     pred = (np.asarray(probs) >= np.asarray(thresholds)).astype(np.int64)
-    return vote.accuracy((np.asarray(labels) > 0.5).astype(np.int64), pred)
+    return accuracy((np.asarray(labels) > 0.5).astype(np.int64), pred)
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints
 
 
-def load_checkpoints(paths: Sequence[str], device) -> list[tuple[str, torch.nn.Module, dict]]:
-    """(path, model in eval mode, checkpoint dict) per file; they must agree on the classes."""
+class Member(NamedTuple):
+    """One checkpoint of the ensemble: its path, the model (eval mode) and its metadata."""
+
+    path: str
+    model: torch.nn.Module
+    meta: models.CheckpointMeta
+
+
+def load_checkpoints(paths: Sequence[str], device) -> list[Member]:
+    """One Member per file; they must agree on the classes and the label type."""
     out = []
     for p in paths:
         model, ck = models.load_model(p, device)
-        if ck.get("task", "classify") != "classify":
+        meta = models.read_meta(ck, str(p))
+        if meta.task != "classify":
             raise UserError(
-                f"{p}: a {ck.get('task')} checkpoint (self-supervised), not a classifier; "
+                f"{p}: a {meta.task} checkpoint (self-supervised), not a classifier; "
                 "fine-tune it on labels first"
             )
-        for key in ("classes", "mean", "std", "img_size", "in_chans"):
-            if key not in ck:
-                raise UserError(f"{p}: checkpoint lacks '{key}'; re-save it with train.py")
-        out.append((str(p), model, ck))
-    p0, _, c0 = out[0]
-    for p, _, ck in out[1:]:
-        if list(ck["classes"]) != list(c0["classes"]):
+        lacks = [
+            k for k in ("classes", "mean", "std", "img_size", "in_chans") if not getattr(meta, k)
+        ]
+        if lacks:
+            raise UserError(f"{p}: checkpoint lacks '{lacks[0]}'; re-save it with train.py")
+        out.append(Member(str(p), model, meta))
+    first = out[0]
+    for m in out[1:]:
+        if m.meta.classes != first.meta.classes:
             raise UserError(
-                f"{p}: classes {_short(ck['classes'])} differ from {p0}'s {_short(c0['classes'])}; "
-                "ensemble only checkpoints trained on the same classes"
+                f"{m.path}: classes {brief(m.meta.classes)} differ from {first.path}'s "
+                f"{brief(first.meta.classes)}; ensemble only checkpoints trained on the same classes"
             )
-        if bool(ck.get("multi_label")) != bool(c0.get("multi_label")):
+        if m.meta.multi_label != first.meta.multi_label:
             raise UserError(
-                f"{p}: multi_label={bool(ck.get('multi_label'))} but {p0} has "
-                f"{bool(c0.get('multi_label'))}; ensemble only models of the same task"
+                f"{m.path}: multi_label={m.meta.multi_label} but {first.path} has "
+                f"{first.meta.multi_label}; ensemble only models of the same task"
             )
     return out
 
 
-def _short(items: Sequence, n: int = 4) -> str:
-    items = [str(c) for c in items]
-    more = f", ... ({len(items)})" if len(items) > n else ""
-    return "[" + ", ".join(items[:n]) + more + "]"
-
-
-def trained_augs(ck: dict) -> list[str]:
+def trained_augs(meta: models.CheckpointMeta) -> list[str]:
     """The --aug names a checkpoint was trained with (from its recorded args)."""
-    aug = (ck.get("args") or {}).get("aug") or ""
+    aug = meta.args.get("aug") or ""
     items = aug.split(",") if isinstance(aug, str) else list(aug)
     return [str(a).strip().lower() for a in items if str(a).strip()]
 
 
-def check_tta(names: Sequence[str], ckpts, force: bool) -> None:
+def check_tta(names: Sequence[str], ckpts: Sequence[Member], force: bool) -> None:
     """rot90 TTA only for rotation-invariant training (--aug rot90) and square images."""
     if "rot90" not in names:
         return
-    for path, _, ck in ckpts:
-        h, w = ck["img_size"]
+    for m in ckpts:
+        h, w = m.meta.img_size
         if h != w:
-            raise UserError(f"{path}: rot90 TTA needs square images, the model takes {h}x{w}")
-        if "rot90" not in trained_augs(ck) and not force:
+            raise UserError(f"{m.path}: rot90 TTA needs square images, the model takes {h}x{w}")
+        if "rot90" not in trained_augs(m.meta) and not force:
+            augs = ",".join(trained_augs(m.meta)) or "none"
             raise UserError(
-                f"{path}: trained without --aug rot90 (aug: {','.join(trained_augs(ck)) or 'none'}), "
-                "so rotated views would hurt; drop rot90 from --tta or pass --force-tta"
+                f"{m.path}: trained without --aug rot90 (aug: {augs}), so rotated views would "
+                "hurt; drop rot90 from --tta or pass --force-tta"
             )
 
 
-def parse_weights(text: str | None, n: int) -> list[float] | None:
+def parse_weights(values, n: int) -> list[float] | None:
     """--weights 1.5,1,1 -> one non-negative weight per checkpoint (None: equal)."""
-    w = vote.parse_weights(text, n, what="checkpoints")
+    w = vote.parse_weights(values, n, what="checkpoints")
     return None if w is None else w.tolist()
 
 
@@ -345,10 +363,10 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
 # Data
 
 
-def _load_kw(args, ck: dict) -> dict:
+def _load_kw(args, meta: models.CheckpointMeta) -> dict:
     return dict(
-        img_size=tuple(ck["img_size"]),
-        in_chans=int(ck["in_chans"]),
+        img_size=tuple(args.img_size or meta.img_size),
+        in_chans=int(meta.in_chans),
         cache_dir=args.cache_dir,
         skip_bad_images=args.skip_bad_images,
         label_column=args.label_column,
@@ -356,145 +374,121 @@ def _load_kw(args, ck: dict) -> dict:
     )
 
 
-def load_for(args, path: str, split: str, ck: dict, ck_path: str) -> tuple[data.ImageSet, str]:
+def load_for(args, path: str, split: str, m: Member) -> tuple[data.ImageSet, str]:
     """(the split decoded at the checkpoint's size/channels, the split's name).
 
     auto: the data set's test part where it has one, else all of it; val/train: the split
-    recorded in the checkpoint, its validation hash checked.
+    recorded in the checkpoint, rebuilt and its validation hash checked (data.load_recorded_split).
     """
-    kw = _load_kw(args, ck)
-    if split in ("test", "auto"):
+    kw = _load_kw(args, m.meta)
+    if split == "auto":
         try:
             return data.load_images(path, args.data_format, "test", **kw), "test"
-        except data.MissingPartError as e:
-            if split == "test":
-                raise UserError(f"{e}; use --split all (or val)") from None
+        except data.MissingPartError:
             split = "all"
-    if split == "all":
-        return data.load_images(path, args.data_format, "train", **kw), "all"
-    rec = ck.get("split") or {}
-    if not rec.get("val_hash"):
-        print(
-            f"warning: {ck_path} records no train/val split; using --val-ratio 0.1, seed 0",
-            file=sys.stderr,
-        )
-    ds, record = data.load_split(
-        path,
-        split,
-        fmt=args.data_format,
-        **data.split_args(rec),
-        **kw,
-    )
-    if rec.get("val_hash") and record["val_hash"] != rec["val_hash"]:
-        raise UserError(
-            f"{ck_path}: its validation split (seed {rec.get('seed')}, ratio "
-            f"{rec.get('val_ratio')}, hash {rec['val_hash']}) is not this data's (hash "
-            f"{record['val_hash']}); the data changed or another --data was used: use the "
-            "training data, or --split test/all"
-        )
+    try:
+        ds = data.load_recorded_split(m.meta, path, split, args.data_format, source=m.path, **kw)
+    except data.MissingPartError as e:
+        raise UserError(f"{e}; use --split all (or val)") from None
     return ds, split
 
 
-def _check_same_split(ckpts) -> None:
-    p0, _, c0 = ckpts[0]
-    r0 = c0.get("split") or {}
-    for p, _, ck in ckpts[1:]:
-        r = ck.get("split") or {}
-        if r.get("val_hash") != r0.get("val_hash"):
+def _check_same_split(ckpts: Sequence[Member]) -> None:
+    first = ckpts[0]
+    for m in ckpts[1:]:
+        if m.meta.split.get("val_hash") != first.meta.split.get("val_hash"):
             raise UserError(
-                f"{p}: validation split (hash {r.get('val_hash')}) differs from {p0}'s "
-                f"({r0.get('val_hash')}); --split val/train and --tune-threshold need one shared "
-                "held-out set"
+                f"{m.path}: validation split (hash {m.meta.split.get('val_hash')}) differs from "
+                f"{first.path}'s ({first.meta.split.get('val_hash')}); --split val/train and "
+                "--tune-threshold need one shared held-out set"
             )
 
 
-def _labels_in(ds: data.ImageSet, classes: list[str], multi_label: bool) -> torch.Tensor | None:
+def _labels_in(ds: data.ImageSet, meta: models.CheckpointMeta, source: str) -> torch.Tensor | None:
     """The data's labels in the checkpoint's class order, or None (unlabelled / other classes)."""
     if not ds.has_labels:
         return None
-    if ds.multi_label != multi_label:
-        tasks = ("single-label", "multi-label")
-        print(
-            f"warning: the data is {tasks[ds.multi_label]} but the checkpoint "
-            f"{tasks[multi_label]}; no metrics",
-            file=sys.stderr,
-        )
+    try:
+        return data.map_labels(ds, meta.classes, meta.multi_label, source)
+    except data.ClassMismatchError as e:
+        print(f"warning: {e}; no metrics", file=sys.stderr)
         return None
-    if list(ds.classes) == list(classes) or not ds.classes:
-        return ds.labels
-    index = {c: k for k, c in enumerate(classes)}
-    if ds.multi_label or not set(ds.classes) <= set(index):
-        print(
-            f"warning: the data's classes {_short(ds.classes)} are not the checkpoint's "
-            f"{_short(classes)}; no metrics",
-            file=sys.stderr,
-        )
-        return None
-    remap = torch.tensor([index[c] for c in ds.classes])
-    y = ds.labels.clone()
-    y[y >= 0] = remap[y[y >= 0]]
-    return y
 
 
 # ---------------------------------------------------------------------------
 # Prediction
 
 
-def ensemble_predict(args, ckpts, path: str, split: str, views, device):
+def ensemble_predict(args, ckpts: Sequence[Member], path: str, split: str, views, rt):
     """(ImageSet, N x K probabilities, split, seconds): weighted mean of TTA probs."""
     sets: dict[tuple, data.ImageSet] = {}
     probs = []
     seconds = 0.0
-    for ck_path, model, ck in ckpts:
-        key = (tuple(ck["img_size"]), int(ck["in_chans"]))
+    for m in ckpts:
+        key = (tuple(_load_kw(args, m.meta)["img_size"]), int(m.meta.in_chans))
         if key not in sets:  # decode once per size (cached on disk anyway)
-            sets[key], split = load_for(args, path, split, ck, ck_path)
+            sets[key], split = load_for(args, path, split, m)
         ds = sets[key]
         first = next(iter(sets.values()))
         if ds.ids != first.ids:
             raise UserError(
-                f"{ck_path}: the data decoded at {key[0]} has other images than at "
+                f"{m.path}: the data decoded at {key[0]} has other images than at "
                 f"{next(iter(sets))[0]} (unreadable files?); fix the data or drop --skip-bad-images"
             )
-        if args.channels_last:
+        model = m.model
+        if rt.channels_last:
             model.to(memory_format=torch.channels_last)
-        ml = bool(ck.get("multi_label"))
-        fwd = (
-            None if len(views) == 1 and views[0] is IDENTITY else tta_forward(views, args.merge, ml)
-        )
+        if rt.compile:
+            model = torch.compile(model)
+        ml = m.meta.multi_label
+        fwd = None if views == [IDENTITY] else tta_forward(views, args.merge, ml)
         t0 = time.perf_counter()
         p = train.predict(
             model,
             ds.images,
-            ck["mean"],
-            ck["std"],
-            batch_size=args.batch_size,
-            device=device,
-            amp=args.amp,
-            channels_last=args.channels_last,
+            m.meta.mean,
+            m.meta.std,
+            **{**rt.predict_kw(), "quiet": args.quiet},
             multi_label=ml,
             forward=fwd,
-            quiet=args.quiet,
         )
         seconds += time.perf_counter() - t0
         probs.append(p.numpy())
-    weights = parse_weights(args.weights, len(ckpts))
-    merged = vote.soft_vote(probs, weights).astype(np.float32)
+    merged = vote.soft_vote(probs, parse_weights(args.weights, len(ckpts))).astype(np.float32)
     return next(iter(sets.values())), merged, split, seconds
+
+
+def threshold_arg(text: str) -> str:
+    """argparse type of --threshold: a probability in [0, 1] or the path of a thresholds file."""
+    try:
+        float(text)
+    except ValueError:
+        return text
+    probability(text)  # a number: it must be a probability
+    return text
 
 
 def read_thresholds(text: str, classes: list[str]) -> np.ndarray:
     """--threshold: a number for every class, or a JSON file written by --tune-threshold."""
     try:
-        t = float(text)
+        return np.full(len(classes), probability(text))
+    except argparse.ArgumentTypeError:
+        if _is_number(text):
+            raise UserError(f"--threshold {text}: must be a probability in [0, 1]") from None
+    return _thresholds_file(Path(text), classes)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
     except ValueError:
-        return _thresholds_file(Path(text), classes)
-    if not 0 <= t <= 1:
-        raise UserError(f"--threshold {text}: must be in [0, 1]")
-    return np.full(len(classes), t)
+        return False
+    return True
 
 
 def _thresholds_file(p: Path, classes: list[str]) -> np.ndarray:
+    if p.is_dir():
+        raise UserError(f"--threshold {p}: is a directory; pass a .thresholds.json file")
     if not p.is_file():
         raise UserError(f"--threshold {p}: neither a number nor a thresholds JSON file")
     try:
@@ -504,12 +498,14 @@ def _thresholds_file(p: Path, classes: list[str]) -> np.ndarray:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{p}: not a thresholds file ({e}); rerun --tune-threshold") from None
     if cls != list(classes) or len(thr) != len(classes):
-        raise UserError(f"{p}: thresholds for other classes {_short(cls)}; rerun tuning")
+        raise UserError(f"{p}: thresholds for other classes {brief(cls)}; rerun tuning")
+    if not all(0 <= t <= 1 for t in thr):
+        raise UserError(f"{p}: thresholds outside [0, 1]; rerun --tune-threshold")
     return np.array(thr)
 
 
 # ---------------------------------------------------------------------------
-# Metrics
+# Metrics (common.py's, the one implementation)
 
 
 def label_metrics(probs: np.ndarray, y: np.ndarray, classes, multi_label, thresholds) -> dict:
@@ -524,9 +520,9 @@ def label_metrics(probs: np.ndarray, y: np.ndarray, classes, multi_label, thresh
         t, pred = np.asarray(y)[keep].astype(np.int64), probs[keep].argmax(1)
         support = np.bincount(t, minlength=k)[:k]
     return {
-        "accuracy": vote.accuracy(t, pred),
-        "macro_f1": vote.macro_f1(t, pred, n_classes=None if multi_label else k),
-        "per_class_accuracy": vote.per_class_accuracy(t, pred, None if multi_label else k).tolist(),
+        "accuracy": accuracy(t, pred),
+        "macro_f1": macro_f1(t, pred, n_classes=None if multi_label else k),
+        "per_class_accuracy": per_class_accuracy(t, pred, None if multi_label else k).tolist(),
         "support": support.tolist(),
         "n": int(len(t)),
         "_true": t,
@@ -550,7 +546,7 @@ def _print_per_class(m: dict, classes: list[str], multi_label: bool) -> None:
 def _mask_head_metrics(m: dict) -> dict:
     t, p = m["_true"], m["_pred"]
     return {
-        f"{name}_accuracy": vote.accuracy(a, b)
+        f"{name}_accuracy": accuracy(a, b)
         for name, a, b in zip(("mask", "gender", "age"), data.mask_heads(t), data.mask_heads(p))
     }
 
@@ -559,12 +555,25 @@ def _mask_head_metrics(m: dict) -> dict:
 # CLI
 
 
+def _size_arg(text: str) -> tuple[int, int]:
+    try:
+        return size2(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint(s) to ensemble")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint(s) to ensemble; without --data, a last argument that is a folder is "
+        "the images to predict (the dirty-MNIST seed's `infer.py MODEL IMAGEDIR`)",
+    )
     add_common_flags(p)
     g = p.add_argument_group("data")
     g.add_argument(
@@ -581,26 +590,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto = test where the data has a test part, else all; val/train = the "
         "checkpoint's recorded split (hash checked)",
     )
+    g.add_argument(
+        "--img-size",
+        "--image-size",
+        dest="img_size",
+        type=_size_arg,
+        default=None,
+        metavar="N|HxW",
+        help="decode images at this size instead of the checkpoint's training size",
+    )
     g.add_argument("--label-column", default=None, help="CSV label column (default: auto)")
     g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (~/.cache/imgcls)")
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images")
 
     g = p.add_argument_group("ensemble and TTA")
     g.add_argument(
-        "--weights", default=None, help="one weight per CKPT, e.g. 1.5,1,1 (default: equal)"
+        "--weights",
+        type=vote.WEIGHTS,
+        default=None,
+        help="one weight per CKPT, e.g. 1.5,1,1 (default: equal)",
     )
     g.add_argument(
         "--tta",
         default="none",
         help=f"comma list of views composed as a product: none,{','.join(TTA_NAMES)}",
     )
+    g.add_argument(
+        "--use-tta", action="store_true", help="add rot90 to --tta (the dirty-MNIST seed's flag)"
+    )
     g.add_argument("--merge", choices=MERGES, default="mean", help="how views are merged")
     g.add_argument(
         "--force-tta", action="store_true", help="allow rot90 TTA for non-rotation-trained models"
     )
-    g.add_argument("--shift-px", type=int, default=1, help="shift: translation in pixels")
-    g.add_argument("--scale", type=float, default=1.1, help="scale: zoom factor (in and out)")
-    g.add_argument("--crop-ratio", type=float, default=0.875, help="five-crop: crop side ratio")
+    g.add_argument("--shift-px", type=positive_int, default=1, help="shift: translation in pixels")
+    g.add_argument(
+        "--scale", type=positive_float, default=1.1, help="scale: zoom factor (in and out)"
+    )
+    g.add_argument(
+        "--crop-ratio",
+        type=float_range(0, 1, lo_open=True),
+        default=0.875,
+        help="five-crop: crop side ratio",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default="submission.csv", help="submission CSV")
@@ -610,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probs-format", choices=["npy", "csv"], default="npy")
     g.add_argument(
         "--threshold",
+        type=threshold_arg,
         default="0.5",
         help="multi-label: probability threshold, or a .thresholds.json from --tune-threshold",
     )
@@ -622,78 +654,114 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--confusion", default=None, metavar="FILE.png", help="confusion matrix plot")
 
-    g = p.add_argument_group("speed")
-    g.add_argument("--batch-size", type=int, default=256, help="images per forward (x views)")
-    g.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g = models.add_runtime_flags(p, eval_batch_size=256)
+    g.add_argument(
+        "--batch-size",
+        dest="eval_batch_size",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="the same as --eval-batch-size: images per forward (x views)",
+    )
     return p
 
 
-def _stem(out: Path) -> str:
-    return str(out.with_suffix("")) if out.suffix.lower() == ".csv" else str(out)
+def _seed_positionals(args) -> None:
+    """`infer.py MODEL IMAGEDIR`: without --data, a trailing folder is the data, not a CKPT."""
+    ck = args.checkpoints
+    if args.data is None and len(ck) > 1 and Path(ck[-1]).is_dir():
+        args.data, args.checkpoints = ck[-1], ck[:-1]
+
+
+def planned_outputs(args, multi_label: bool) -> list[tuple[str, Path]]:
+    """Every file this command may write (flag, path), refused when two are the same file."""
+    paths = vote.probs_paths(args.out)
+    outs = [("--out", Path(args.out)), ("--out (metrics)", paths["metrics"])]
+    if args.return_probs:
+        keys = ("npy", "ids", "classes") if args.probs_format == "npy" else ("csv",)
+        outs += [("--return-probs", paths[k]) for k in (*keys, "meta")]
+    if args.tune_threshold:
+        outs.append(("--tune-threshold", paths["thresholds"]))
+    if args.confusion:
+        outs.append(("--confusion", Path(args.confusion)))
+    seen: dict[str, str] = {}
+    for flag, p in outs:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise UserError(f"{flag} {p}: is also the {seen[key]} output; give it another name")
+        seen[key] = flag
+    return outs
+
+
+def _refuse_outputs_on_inputs(args, outs, data_path: str) -> None:
+    """No output may be a checkpoint, the thresholds file, the config, or a file of the data."""
+    inputs = [("CKPT", p) for p in args.checkpoints] + [("--config", args.config)]
+    if not _is_number(args.threshold):
+        inputs.append(("--threshold", args.threshold))
+    root = Path(data_path)
+    if root.is_file():
+        inputs.append(("--data", root))
+    elif root.is_dir():  # existing files inside the data set are its inputs (labels.csv, ...)
+        real = os.path.realpath(root) + os.sep
+        inputs += [
+            ("--data", p) for _, p in outs if p.is_file() and os.path.realpath(p).startswith(real)
+        ]
+    refuse_output_on_input(outs, inputs)
 
 
 def run(args) -> dict:
-    """Predict, write the submission (and probabilities), print metrics when labels are known."""
+    """Predict, write the submission (and probabilities), print metrics when labels are known.
+
+    Everything is checked and computed first; then all outputs are written as one transaction
+    (common.Outputs), so a failure leaves the previous files as they were."""
     t_start = time.perf_counter()
+    _seed_positionals(args)
     out = Path(args.out)
     if out.suffix.lower() != ".csv":
         raise UserError(f"--out {args.out}: the submission is a CSV; name it like sub.csv")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.shift_px < 1 or args.scale <= 0 or not 0 < args.crop_ratio <= 1:
-        raise UserError("--shift-px >= 1, --scale > 0 and 0 < --crop-ratio <= 1 are needed")
-    names = tta_names(args.tta)
+    names = tta_names(args.tta) + (
+        ["rot90"] if args.use_tta and "rot90" not in tta_names(args.tta) else []
+    )
     views = tta_views(names, args.shift_px, args.scale, args.crop_ratio)
-    device = models.resolve_device(args.device)
-    ckpts = load_checkpoints(args.checkpoints, device)
+    rt = models.setup_runtime(args)
+    ckpts = load_checkpoints(args.checkpoints, rt.device)
     parse_weights(args.weights, len(ckpts))  # fail before any work
     check_tta(names, ckpts, args.force_tta)
-    ck0 = ckpts[0][2]
-    classes, multi_label = [str(c) for c in ck0["classes"]], bool(ck0.get("multi_label"))
+    meta0 = ckpts[0].meta
+    classes, multi_label = list(meta0.classes), meta0.multi_label
     if args.tune_threshold and not multi_label:
         raise UserError("--tune-threshold: only for multi-label checkpoints")
     if args.confusion and multi_label:
         raise UserError("--confusion: needs a single-label model (multi-label has no K x K matrix)")
+    if args.img_size and tuple(args.img_size) != tuple(meta0.img_size):
+        for m in ckpts:
+            models._check_size(m.model, m.meta.arch, int(m.meta.in_chans), tuple(args.img_size))
     thresholds = read_thresholds(args.threshold, classes) if multi_label else None
     path = args.data
     if not path:  # the data the first checkpoint was trained on
-        ck_args = ck0.get("args") or {}
-        path, args.data_format = ck_args.get("data"), args.data_format or ck_args.get("data_format")
+        path = meta0.args.get("data")
+        args.data_format = args.data_format or meta0.args.get("data_format")
         if not path:
-            raise UserError(f"{ckpts[0][0]}: records no training data; pass --data PATH")
+            raise UserError(f"{ckpts[0].path}: records no training data; pass --data PATH")
+    outs = planned_outputs(args, multi_label)
+    _refuse_outputs_on_inputs(args, outs, path)
+    vote.check_plot_path(args.confusion)
+    if args.return_probs:
+        vote._str_list(classes, ckpts[0].path, "class")  # a line break would break classes.txt
     if args.split in ("train", "val") or args.tune_threshold:
         _check_same_split(ckpts)
 
-    ds, probs, split, seconds = ensemble_predict(args, ckpts, path, args.split, views, device)
-    written = []
+    ds, probs, split, seconds = ensemble_predict(args, ckpts, path, args.split, views, rt)
     result: dict = {"split": split, "images": len(ds), "views": [v.name for v in views]}
+    tuned = None
     if args.tune_threshold:
-        thresholds, info, s2 = tune_on_val(args, ckpts, path, split, ds, probs, views, device)
+        thresholds, tuned, s2 = tune_on_val(args, ckpts, path, split, ds, probs, views, rt)
         seconds += s2
-        written.append(Path(info["file"]))
-        result["thresholds"] = info
+        result["thresholds"] = {k: tuned[k] for k in ("at_0.5", "tuned", "file")}
 
     kind = "multi" if multi_label else ("mask" if ds.fmt == "mask" else "single")
-    if multi_label:
-        labels = (probs >= thresholds).astype(np.int64)
-    else:
-        labels = probs.argmax(1)
-    written.append(vote.write_submission(out, ds.ids, labels, kind, classes))
-    if args.return_probs:
-        written += vote.write_probs(
-            out, ds.ids, probs, classes, multi_label, fmt=args.probs_format, kind=kind
-        )
-    skipped = ds.info.get("skipped") or []
-    if skipped:
-        print(f"warning: {len(skipped)} unreadable images are missing from {out}", file=sys.stderr)
-
-    y = _labels_in(ds, classes, multi_label)
-    metrics = None
+    labels = (probs >= thresholds).astype(np.int64) if multi_label else probs.argmax(1)
+    y = _labels_in(ds, meta0, ckpts[0].path)
+    metrics = m = None
     if y is not None and len(ds):
         m = label_metrics(probs, y.numpy(), classes, multi_label, thresholds)
         if m["n"]:
@@ -701,87 +769,93 @@ def run(args) -> dict:
             metrics = {k: v for k, v in m.items() if not k.startswith("_")}
             if kind == "mask" and not multi_label:
                 metrics.update(_mask_head_metrics(m))
-            if args.confusion:
-                cm = vote.confusion_matrix(m["_true"], m["_pred"], len(classes))
-                written.append(vote.plot_confusion(cm, classes, args.confusion))
-            mpath = Path(_stem(out) + ".metrics.json")
-            per_class = [None if math.isnan(a) else a for a in metrics["per_class_accuracy"]]
-            write_json(
-                mpath,
-                {
-                    "split": split,
-                    "checkpoints": args.checkpoints,
-                    **metrics,
-                    "per_class_accuracy": per_class,
-                },
-            )
-            written.append(mpath)
-    elif args.confusion:
+        else:
+            m = None
+    if args.confusion and m is None:
         print(f"warning: {split} split has no labels; no --confusion plot", file=sys.stderr)
+
+    with Outputs() as o:  # every output becomes visible together, or none
+        written = [vote.write_submission(out, ds.ids, labels, kind, classes, out=o)]
+        if args.return_probs:
+            written += vote.write_probs(
+                out, ds.ids, probs, classes, multi_label, fmt=args.probs_format, kind=kind, out=o
+            )
+        if tuned is not None:
+            o.json(tuned["file"], tuned["record"])
+            written.append(Path(tuned["file"]))
+        if metrics is not None:
+            mpath = vote.probs_paths(out)["metrics"]
+            per_class = [None if math.isnan(a) else a for a in metrics["per_class_accuracy"]]
+            record = {"split": split, "checkpoints": [c.path for c in ckpts], **metrics}
+            o.json(mpath, {**record, "per_class_accuracy": per_class})
+            written.append(mpath)
+            if args.confusion:
+                cm = confusion_matrix(m["_true"], m["_pred"], len(classes))
+                written.append(vote.plot_confusion(cm, classes, args.confusion, out=o))
+    skipped = ds.info.get("skipped") or []
+    if skipped:
+        print(f"warning: {len(skipped)} unreadable images are missing from {out}", file=sys.stderr)
     result.update(
         out=str(out),
         written=[str(w) for w in written],
         metrics=metrics,
         seconds=seconds,
         images_per_s=len(ds) / max(seconds, 1e-9),
-        checkpoints=[c[0] for c in ckpts],
+        checkpoints=[c.path for c in ckpts],
     )
     _print_summary(args, ckpts, views, ds, split, result, time.perf_counter() - t_start)
     return result
 
 
-def tune_on_val(args, ckpts, path, split, ds, probs, views, device):
-    """Per-class thresholds tuned on the checkpoints' val split, saved beside --out.
+def tune_on_val(args, ckpts, path, split, ds, probs, views, rt):
+    """Per-class thresholds tuned on the checkpoints' val split (written beside --out later).
 
-    Returns (thresholds, {"at_0.5", "tuned", "file"}, extra prediction seconds).
+    Returns (thresholds, {"at_0.5", "tuned", "file", "record"}, extra prediction seconds).
     """
-    classes = [str(c) for c in ckpts[0][2]["classes"]]
+    classes = list(ckpts[0].meta.classes)
     seconds = 0.0
     if split == "val":
         vs, vp = ds, probs
     else:
-        vs, vp, _, seconds = ensemble_predict(args, ckpts, path, "val", views, device)
-    vy = _labels_in(vs, classes, True)
+        vs, vp, _, seconds = ensemble_predict(args, ckpts, path, "val", views, rt)
+    vy = _labels_in(vs, ckpts[0].meta, ckpts[0].path)
     if vy is None or len(vs) == 0:
         raise UserError(f"{path}: the val split has no labels; cannot tune thresholds")
     vy = vy.numpy()
     thresholds = tune_thresholds(vp, vy, args.tune_threshold)
     score = exact_match if args.tune_threshold == "exact" else _macro_f1_at
     before, after = score(vp, vy, np.full(len(classes), 0.5)), score(vp, vy, thresholds)
-    tpath = Path(_stem(Path(args.out)) + ".thresholds.json")
-    write_json(
-        tpath,
-        {
-            "metric": args.tune_threshold,
-            "classes": classes,
-            "thresholds": thresholds.tolist(),
-            "val_images": len(vs),
-            "val_hash": (ckpts[0][2].get("split") or {}).get("val_hash"),
-            "val_score_at_0.5": before,
-            "val_score_tuned": after,
-            "checkpoints": [c[0] for c in ckpts],
-            "tta": [v.name for v in views],
-        },
-    )
+    record = {
+        "metric": args.tune_threshold,
+        "classes": classes,
+        "thresholds": thresholds.tolist(),
+        "val_images": len(vs),
+        "val_hash": ckpts[0].meta.split.get("val_hash"),
+        "val_score_at_0.5": before,
+        "val_score_tuned": after,
+        "checkpoints": [c.path for c in ckpts],
+        "tta": [v.name for v in views],
+    }
     print(
         f"thresholds tuned for {args.tune_threshold} on {len(vs)} val images: {before:.4f} "
         f"at 0.5 -> {after:.4f} (range {thresholds.min():.2f}..{thresholds.max():.2f})"
     )
     if split == "val":
         print("warning: metrics on the split the thresholds were tuned on are optimistic")
-    return thresholds, {"at_0.5": before, "tuned": after, "file": str(tpath)}, seconds
+    tfile = str(vote.probs_paths(args.out)["thresholds"])
+    return thresholds, {"at_0.5": before, "tuned": after, "file": tfile, "record": record}, seconds
 
 
 def _macro_f1_at(probs, labels, thresholds) -> float:
     pred = (np.asarray(probs) >= np.asarray(thresholds)).astype(np.int64)
-    return vote.macro_f1((np.asarray(labels) > 0.5).astype(np.int64), pred)
+    return macro_f1((np.asarray(labels) > 0.5).astype(np.int64), pred)
 
 
 def _print_summary(args, ckpts, views, ds, split, r, total) -> None:
     w = parse_weights(args.weights, len(ckpts))
     names = ", ".join(
-        f"{Path(p).parent.name}/{Path(p).name}" + (f" x{w[i]:g}" if w else "")
-        for i, (p, _, _) in enumerate(ckpts)
+        f"{Path(m.path).parent.name}/{Path(m.path).name}" + (f" x{w[i]:g}" if w else "")
+        for i, m in enumerate(ckpts)
     )
     view_names = ", ".join(v.name for v in views[:8]) + (", ..." if len(views) > 8 else "")
     rows = [
@@ -799,7 +873,7 @@ def _print_summary(args, ckpts, views, ds, split, r, total) -> None:
     ]
     m = r["metrics"]
     if m:
-        acc = "exact-match accuracy" if ckpts[0][2].get("multi_label") else "accuracy"
+        acc = "exact-match accuracy" if ckpts[0].meta.multi_label else "accuracy"
         rows += [[acc, m["accuracy"]], ["macro-F1", m["macro_f1"]]]
         rows += [
             [k.replace("_", " "), v]

@@ -311,3 +311,126 @@ def test_unlabelled_image_folder(tmp_path, tiny_idx, capsys):
     assert df["id"].tolist() == [f"img{i}" for i in range(5)]
     code, err = run_cli([ck, "--data", str(d), "--split", "test"], capsys)
     assert code == 2 and "--split all" in err
+
+
+# ---------------------------------------------------------------------------
+# Guarantees: validate first, one output transaction, outputs never on inputs, seed aliases
+
+
+class RotInvariant(nn.Module):
+    """Mean over the four rotations of an inner model: rotation-invariant by construction."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return sum(self.inner(torch.rot90(x, k, (-2, -1))) for k in range(4)) / 4
+
+
+def test_rot90_tta_is_exact():
+    x = rand_images(6)
+    views = infer.tta_views("rot90")
+    assert [v.name for v in views] == ["id", "rot90", "rot180", "rot270"]
+    fwd = infer.tta_forward(views)
+    # a rotation-invariant model: the 4-view mean is the plain prediction
+    torch.manual_seed(1)
+    inv = RotInvariant(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(392, 3))).eval()
+    plain = train.predict(inv, x, MEAN, STD, batch_size=4)
+    assert torch.allclose(train.predict(inv, x, MEAN, STD, 4, forward=fwd), plain, atol=1e-6)
+    # a model that sees orientation: the mean of its softmax on each rotated copy, by hand
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 3)).eval()
+    z = (x.float() / 255 - MEAN[0]) / STD[0]
+    with torch.no_grad():
+        hand = sum(model(torch.rot90(z, k, (2, 3))).softmax(1) for k in range(4)) / 4
+    got = train.predict(model, x, MEAN, STD, 4, forward=fwd)
+    assert torch.allclose(got, hand, atol=1e-5)
+    assert not torch.allclose(got, train.predict(model, x, MEAN, STD, 4), atol=1e-4)
+
+
+def test_bad_confusion_path_leaves_no_outputs(tiny_idx, tmp_path, capsys):
+    ck = save_ckpt(tmp_path / "a.pt", tiny_idx)
+    out = tmp_path / "sub.csv"
+    out.write_text("id,label\nold,0\n")
+    (tmp_path / "adir").mkdir()
+    base = [ck, "--data", str(tiny_idx), "--out", str(out), "--return-probs", "--quiet"]
+    for bad, words in ((tmp_path / "adir", "is a directory"), (tmp_path / "cm.xyz", "cm.xyz")):
+        code, err = run_cli([*base, "--confusion", str(bad)], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "id,label\nold,0\n"  # the previous submission, untouched
+    assert not (tmp_path / "sub.npy").exists() and not (tmp_path / "sub.metrics.json").exists()
+    r = infer.main([*base, "--confusion", str(tmp_path / "cm.png")])
+    assert {str(out), str(tmp_path / "cm.png"), str(tmp_path / "sub.metrics.json")} <= set(
+        r["written"]
+    )
+
+
+def test_class_name_with_line_break_refused_before_writing(tiny_idx, tmp_path, capsys):
+    ck = save_ckpt(tmp_path / "a.pt", tiny_idx, classes=["a\nb", "c", "d"])
+    out = tmp_path / "sub.csv"
+    code, err = run_cli([ck, "--data", str(tiny_idx), "--out", str(out), "--return-probs"], capsys)
+    assert code == 2 and "line break" in err and "a.pt" in err
+    assert not out.exists() and not list(tmp_path.glob("sub.*"))
+
+
+def test_outputs_onto_inputs_are_refused(tmp_path, capsys):
+    root = make_multilabel(tmp_path / "ml")
+    ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
+    labels = root / "train.csv"
+    before = labels.read_bytes()
+    code, err = run_cli([ck, "--data", str(root), "--out", str(labels)], capsys)
+    assert code == 2 and "is the input --data" in err and "train.csv" in err
+    cfg = tmp_path / "cfg.csv"
+    cfg.write_text("{}")
+    code, err = run_cli([ck, "--data", str(root), "--out", str(cfg), "--config", str(cfg)], capsys)
+    assert code == 2 and "--config" in err
+    thr = tmp_path / "s.thresholds.json"  # tuning would write over the thresholds it reads
+    thr.write_text(json.dumps({"classes": CLS, "thresholds": [0.4, 0.5, 0.6]}))
+    code, err = run_cli(
+        [ck, "--data", str(root), "--out", str(tmp_path / "s.csv"), "--threshold", str(thr),
+         "--tune-threshold", "f1"], capsys
+    )  # fmt: skip
+    assert code == 2 and "is the input --threshold" in err
+    assert labels.read_bytes() == before and cfg.read_text() == "{}"
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_seed_command_line(tiny_idx, tmp_path, monkeypatch):
+    ck = save_ckpt(tmp_path / "rot.pt", tiny_idx, aug="rot90")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, a in enumerate(rand_images(5, size=20).numpy()):
+        Image.fromarray(a[0]).save(d / f"{i:05d}.png")
+    monkeypatch.chdir(tmp_path)
+    r = infer.main([ck, str(d), "--image-size", "16", "--batch-size", "2", "--use-tta",
+                    "--return-probs", "--quiet"])  # fmt: skip
+    assert r["views"] == ["id", "rot90", "rot180", "rot270"] and r["images"] == 5
+    assert (tmp_path / "submission.csv").exists() and (tmp_path / "submission.npy").exists()
+    assert pd.read_csv(tmp_path / "submission.csv", dtype=str)["id"].tolist()[0] == "00000"
+
+
+@pytest.mark.parametrize(
+    "flag,value,words",
+    [
+        ("--scale", "0", "> 0"),
+        ("--scale", "nan", "not finite"),
+        ("--batch-size", "0", ">= 1"),
+        ("--eval-batch-size", "-3", ">= 1"),
+        ("--crop-ratio", "0", "(0, 1]"),
+        ("--shift-px", "0", ">= 1"),
+        ("--threshold", "1.5", "[0, 1]"),
+        ("--weights", "1,inf", "not finite"),
+        ("--threads", "0", "[1, 1024]"),
+        ("--image-size", "0", "positive"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors(tmp_path, capsys, flag, value, words):
+    code, err = run_cli(["a.pt", flag, value, "--out", str(tmp_path / "s.csv")], capsys)
+    assert code == 2 and flag in err and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_directory_as_checkpoint_says_so(tmp_path, tiny_idx, capsys):
+    (tmp_path / "run").mkdir()
+    code, err = run_cli([str(tmp_path / "run"), "--data", str(tiny_idx)], capsys)
+    assert code == 2 and "is a directory" in err
