@@ -846,3 +846,43 @@ def setup_runtime(args, local_rank: int | None = None) -> Runtime:
         quiet=bool(getattr(args, "quiet", False)),
         compile=bool(getattr(args, "compile", False)),
     )
+
+
+# ---------------------------------------------------------------------------
+# Weight interpolation: the one rule for EMA updates, model soups (uniform / greedy running
+# averages) and WiSE-FT.
+
+
+@torch.no_grad()
+def interpolate_state(dst: dict, src: dict, weight: float, inplace: bool = False) -> dict:
+    """dst + weight * (src - dst) for every floating tensor (torch.lerp, in dst's dtype).
+
+    Integer and bool tensors (BatchNorm num_batches_tracked) cannot be interpolated: they are
+    taken from src when weight > 0 and kept from dst at weight 0. Keys missing from dst or of
+    another shape (a new classifier head in WiSE-FT) are taken from src. inplace=True updates
+    dst's tensors (e.g. an EMA model's state_dict()) and returns dst; otherwise a new dict with
+    src's keys is returned and neither input is changed.
+    """
+    same = [k for k, v in src.items() if k in dst and tuple(dst[k].shape) == tuple(v.shape)]
+    floats = [k for k in same if dst[k].is_floating_point()]
+    if inplace:
+        if floats:
+            d = [dst[k] for k in floats]
+            torch._foreach_lerp_(d, [src[k].to(dst[k].dtype) for k in floats], float(weight))
+        for k, v in src.items():
+            if k in floats:
+                continue
+            if k not in same:
+                dst[k] = v.clone()
+            elif weight > 0:
+                dst[k].copy_(v)
+        return dst
+    out = {}
+    for k, v in src.items():
+        if k in floats:
+            out[k] = torch.lerp(dst[k], v.to(dst[k].dtype), float(weight))
+        elif k in same and weight == 0:
+            out[k] = dst[k].clone()
+        else:
+            out[k] = v.clone()
+    return out
