@@ -7,7 +7,8 @@
 
 Grid (after Wortsman et al., 2022, "Model soups"): point 0 is the linear-probe start; points 1..71
 are drawn once from np.random.default_rng(1234), so the grid never changes. Each point sets:
-  lr            log-uniform, sgd 0.01..0.3, adam/adamw 1e-5..3e-3 (point 0: the optimizer default)
+  lr            log-uniform, sgd 0.005..0.05, adam/adamw 1e-5..1e-3, below train.py's from-scratch
+                peak so ingredients stay in the start's basin (point 0: train.DEFAULT_LR)
   weight_decay  log-uniform, sgd 1e-5..2e-3, adam 1e-6..1e-4, adamw 1e-4..0.5 (decoupled)
   epochs        1..4 times --epoch-scale (default 1; --epoch-scale 4 gives the paper's 4..16)
   smoothing     0 in about half the points, else uniform 0..0.225
@@ -20,12 +21,14 @@ Starting from a checkpoint of ours, --model, --in-chans and --img-size default t
 Methods: full fine-tuning, linear probe (--freeze-backbone, BN statistics frozen), LP-FT
 (--lp-epochs K, one lr schedule over the whole run), layer-wise lr decay (--layer-decay), WiSE-FT
 (--wise-alpha A: best.pt becomes (1-A)*start + A*fine-tuned, the new head taken as fine-tuned).
-Output: <out>/<name>/i{N}_s{seed}/ with best.pt, last.pt, metrics.jsonl, summary.json.
+Output: <out>/<name>/i{N}_s{seed}/ with best.pt, last.pt, metrics.jsonl, summary.json; each
+ingredient directory is a train.py run directory (locked while it runs; --overwrite swaps it in
+at the end).
 
 A sweep (re-run the same loop after an interruption: finished runs are skipped, an interrupted
 one resumes from its last.pt):
 
-    for i in $(seq 0 71); do
+    for i in $(seq 0 71); do   # a damaged finished run (truncated best.pt) is redone
       python finetune.py --data PATH --weights runs/rot/best.pt --name soup --i $i \\
           --random-seed 0 --skip-existing --quiet || break
     done
@@ -50,7 +53,18 @@ import torch.nn as nn
 
 import models
 import train
-from common import UserError, atomic_path, cli_errors, format_table, parse_args, write_json
+from common import (
+    UserError,
+    atomic_path,
+    float_range,
+    format_table,
+    nonneg_int,
+    parse_args,
+    positive_float,
+    probability,
+    refuse_together,
+    write_json,
+)
 
 GRID_SIZE = 72
 GRID_SEED = 1234
@@ -58,10 +72,9 @@ GRID_SEED = 1234
 # stays in the start's basin: soups of ingredients that left it collapse (Wortsman et al. 2022).
 LR_RANGE = {"sgd": (0.005, 0.05), "adam": (1e-5, 1e-3), "adamw": (1e-5, 1e-3)}
 WD_RANGE = {"sgd": (1e-5, 2e-3), "adam": (1e-6, 1e-4), "adamw": (1e-4, 0.5)}
-DEFAULT_LR = {"sgd": 0.2, "adam": 2e-3, "adamw": 2e-3}  # train.py's defaults
-DEFAULT_WD = {"sgd": 5e-4, "adam": 1e-5, "adamw": 0.05}
+DEFAULT_WD = {"sgd": 5e-4, "adam": 1e-5, "adamw": 0.05}  # grid point 0 (linear probe)
 GRID_AUGS = ("none", "flip", "flip,crop", "flip,crop,randaug")
-# args attributes a grid point sets (each one is also a flag of its own)
+# args attributes a grid point sets, in grid_point's order (each one is also a flag of its own)
 GRID_KEYS = (
     "lr",
     "weight_decay",
@@ -88,31 +101,23 @@ def grid_point(i: int, opt: str = "sgd", epoch_scale: float = 1.0) -> dict:
     if not 0 <= i < GRID_SIZE:
         raise UserError(f"--i {i}: the grid has points 0..{GRID_SIZE - 1}; pick one of those")
     if i == 0:
-        return {
-            "lr": DEFAULT_LR[opt],
-            "weight_decay": DEFAULT_WD[opt],
-            "epochs": max(1, round(4 * epoch_scale)),
-            "smoothing": 0.0,
-            "mix": "none",
-            "mix_alpha": 1.0,
-            "mix_prob": 0.5,
-            "aug": "none",
-            "freeze_backbone": True,
-        }
+        lr, wd, epochs = train.DEFAULT_LR[opt], DEFAULT_WD[opt], max(1, round(4 * epoch_scale))
+        return dict(zip(GRID_KEYS, (lr, wd, epochs, 0.0, "none", 1.0, 0.5, "none", True)))
     # One fixed table of uniforms: point i's values never depend on other settings' draws.
     u = np.random.default_rng(GRID_SEED).random((GRID_SIZE, 10))[i]
     mixed = u[5] >= 0.5
-    return {
-        "lr": _log_uniform(u[0], *LR_RANGE[opt]),
-        "weight_decay": _log_uniform(u[1], *WD_RANGE[opt]),
-        "epochs": max(1, round((1 + int(u[2] * 4)) * epoch_scale)),
-        "smoothing": round(0.225 * u[4], 3) if u[3] >= 0.5 else 0.0,
-        "mix": ("cutmix" if u[6] < 0.5 else "mixup") if mixed else "none",
-        "mix_alpha": round(0.1 + 0.9 * u[7], 2) if mixed else 1.0,
-        "mix_prob": round(0.25 + 0.75 * u[8], 2) if mixed else 0.5,
-        "aug": GRID_AUGS[int(u[9] * len(GRID_AUGS))],
-        "freeze_backbone": False,
-    }
+    values = (
+        _log_uniform(u[0], *LR_RANGE[opt]),
+        _log_uniform(u[1], *WD_RANGE[opt]),
+        max(1, round((1 + int(u[2] * 4)) * epoch_scale)),
+        round(0.225 * u[4], 3) if u[3] >= 0.5 else 0.0,
+        ("cutmix" if u[6] < 0.5 else "mixup") if mixed else "none",  # mix
+        round(0.1 + 0.9 * u[7], 2) if mixed else 1.0,  # mix_alpha
+        round(0.25 + 0.75 * u[8], 2) if mixed else 0.5,  # mix_prob
+        GRID_AUGS[int(u[9] * len(GRID_AUGS))],
+        False,  # freeze_backbone
+    )
+    return dict(zip(GRID_KEYS, values))
 
 
 def grid_table(opt: str = "sgd", epoch_scale: float = 1.0) -> str:
@@ -143,9 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "; "
             )
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--i", type=int, default=0, help=f"grid point 0..{GRID_SIZE - 1} (0: probe)")
+    g.add_argument(
+        "--i", type=nonneg_int, default=0, help=f"grid point 0..{GRID_SIZE - 1} (0: probe)"
+    )
     g.add_argument("--list-grid", action="store_true", help="print the grid and exit")
-    g.add_argument("--epoch-scale", type=float, default=1.0, help="multiply the grid's 1..4 epochs")
+    g.add_argument(
+        "--epoch-scale", type=positive_float, default=1.0, help="multiply the grid's 1..4 epochs"
+    )
     g.add_argument(
         "--freeze-backbone",
         action=argparse.BooleanOptionalAction,
@@ -153,12 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear probe: train the head only, BN statistics frozen (grid point 0 sets it)",
     )
     g.add_argument(
-        "--lp-epochs", type=int, default=0, help="LP-FT: head only for K epochs, then all"
+        "--lp-epochs", type=nonneg_int, default=0, help="LP-FT: head only for K epochs, then all"
     )
-    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75")
+    g.add_argument(
+        "--layer-decay",
+        type=float_range(0, 1, lo_open=True),
+        default=None,
+        help="layer-wise lr decay in (0, 1], e.g. 0.75",
+    )
     g.add_argument(
         "--wise-alpha",
-        type=float,
+        type=probability,
         default=None,
         help="WiSE-FT: best.pt = (1-A)*start + A*fine-tuned (fine-tuned kept as best_finetuned.pt)",
     )
@@ -170,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--skip-existing",
         action="store_true",
-        help="skip a finished run (best.pt + summary.json); resume an interrupted one",
+        help="skip a finished run (summary.json and a best.pt that loads; a damaged one is "
+        "redone); resume an interrupted one",
     )
     g.add_argument(
         "--report-ranks",
@@ -319,17 +334,17 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def make_hooks(args, keep: dict) -> dict:
-    """train.fit hooks for freezing, LP-FT, layer-wise lr decay and WiSE-FT."""
+def fit_hooks(args, keep: dict) -> train.FitHooks:
+    """What fine-tuning changes in train.fit: freezing, LP-FT, layer-wise lr decay, WiSE-FT."""
 
-    def model_ready(model, args):
+    def prepare_model(model: nn.Module) -> None:
         keep["model"] = model
         if args.wise_alpha is not None:
             keep["start"] = _start_weights(model, args)
         if args.freeze_backbone:  # before DDP wraps it: DDP then syncs the head only
             set_frozen(model, True)
 
-    def epoch_start(epoch, model, opt, args):
+    def epoch_start(epoch: int, model: nn.Module) -> None:
         if args.lp_epochs and not args.freeze_backbone:
             frozen = epoch < args.lp_epochs
             if frozen != keep.get("lp_frozen"):
@@ -338,62 +353,64 @@ def make_hooks(args, keep: dict) -> dict:
                 if _rank() == 0 and epoch > 0 and not frozen:
                     print(f"LP-FT: backbone unfrozen at epoch {epoch + 1}", flush=True)
 
-    def after_fit(model, run_dir, args, meta):
-        if args.wise_alpha is not None and _rank() == 0 and (run_dir / "best.pt").exists():
-            keep["wise"] = write_wise(run_dir, keep["start"], args)
+    def after_fit(t: train.Training) -> dict | None:
+        if args.wise_alpha is None or not (t.run.path / "best.pt").exists():
+            return None
+        return write_wise(t, keep["start"], args.wise_alpha)
 
-    hooks = {"model_ready": model_ready, "epoch_start": epoch_start, "after_fit": after_fit}
+    groups = None
     if args.layer_decay is not None:
-        hooks["param_groups"] = lambda model, args: layer_decay_groups(
-            model, args.weight_decay, args.layer_decay
-        )
-    return hooks
-
-
-def write_wise(run_dir: Path, start: dict, args) -> dict:
-    """Rewrite best.pt as the WiSE-FT interpolation; keep the fine-tuned one; evaluate both."""
-    best = run_dir / "best.pt"
-    ck = models.load_checkpoint(best)
-    sd = wise_ft(start, ck["state_dict"], args.wise_alpha)
-    model = models.model_from_checkpoint({**ck, "state_dict": sd})
-    _, val_set, _ = train.load_data(args)
-    device = models.resolve_device(args.device)
-    m = train.evaluate_checkpoint(
-        model.to(device),
-        ck,
-        val_set.images,
-        val_set.labels,
-        batch_size=args.eval_batch_size,
-        device=device,
-        amp=args.amp,
+        groups = lambda model: layer_decay_groups(model, args.weight_decay, args.layer_decay)  # noqa: E731
+    return train.FitHooks(
+        param_groups=groups,
+        prepare_model=prepare_model,
+        epoch_start=epoch_start,
+        after_fit=after_fit,
+        find_unused_parameters=bool(args.lp_epochs),  # DDP: the backbone is frozen at first
+        record={"grid_point": args.i, "grid_values": keep.get("grid", {})},
+        resume_keys=("freeze_backbone", "lp_epochs", "layer_decay", "wise_alpha"),
     )
+
+
+def write_wise(t: train.Training, start: dict, alpha: float) -> dict:
+    """Rewrite best.pt as the WiSE-FT interpolation; keep the fine-tuned one; evaluate both."""
+    best = t.run.path / "best.pt"
+    ck = models.load_checkpoint(best)
+    sd = wise_ft(start, ck["state_dict"], alpha)
+    model = models.model_from_checkpoint({**ck, "state_dict": sd}).to(t.rt.device)
+    val = t.val_set
+    m = train.evaluate_checkpoint(model, ck, val.images, val.labels, **t.rt.predict_kw())
     ft = ck.get("metrics", {})
     metrics = {
         **ft,
         "val_acc": m["acc"],
         "val_loss": m["loss"],
         **{f"val_{k}": v for k, v in m.items() if k not in ("acc", "loss")},
-        "wise_alpha": args.wise_alpha,
+        "wise_alpha": alpha,
         "finetuned_val_acc": ft.get("val_acc"),
     }
-    with atomic_path(run_dir / "best_finetuned.pt") as tmp:
+    with atomic_path(t.run.path / "best_finetuned.pt") as tmp:
         shutil.copyfile(best, tmp)
     meta = {k: v for k, v in ck.items() if k not in ("format", "state_dict", "created", "torch")}
     models.save_checkpoint(best, sd, {**meta, "metrics": metrics})
     result = {
-        "wise_alpha": args.wise_alpha,
+        "wise_alpha": alpha,
         "wise_val_acc": m["acc"],
         "wise_val_f1": m.get("f1"),
         "finetuned_val_acc": ft.get("val_acc"),
     }
-    write_json(run_dir / "wise.json", result)
+    write_json(t.run.path / "wise.json", result)
     print(
-        f"WiSE-FT alpha {args.wise_alpha:g}: val_acc {m['acc']:.4f} "
+        f"WiSE-FT alpha {alpha:g}: val_acc {m['acc']:.4f} "
         f"(fine-tuned {ft.get('val_acc', float('nan')):.4f}); best.pt rewritten, "
         "fine-tuned weights in best_finetuned.pt",
         flush=True,
     )
     return result
+
+
+# ---------------------------------------------------------------------------
+# Checks before training
 
 
 # ---------------------------------------------------------------------------
@@ -451,35 +468,41 @@ def adopt_start(args, explicit: set[str]) -> None:
 
 
 def check_args(args) -> None:
-    """Range checks with one-line messages."""
-    if args.wise_alpha is not None and not 0.0 <= args.wise_alpha <= 1.0:
-        raise UserError(f"--wise-alpha {args.wise_alpha}: must be in [0, 1]")
-    if args.layer_decay is not None and not 0.0 < args.layer_decay <= 1.0:
-        raise UserError(f"--layer-decay {args.layer_decay}: must be in (0, 1], e.g. 0.75")
-    if args.lp_epochs < 0 or (args.lp_epochs and args.lp_epochs >= args.epochs):
+    """Combinations of fine-tuning flags (their ranges are checked by the flag types)."""
+    refuse_together(args, ("--skip-existing", "--overwrite"), ("--lp-epochs", "--freeze-backbone"))
+    if args.lp_epochs >= args.epochs:
         raise UserError(
             f"--lp-epochs {args.lp_epochs}: must be in 0..{args.epochs - 1} (--epochs {args.epochs})"
         )
-    if args.lp_epochs and args.freeze_backbone:
-        raise UserError("--lp-epochs unfreezes the backbone; drop --freeze-backbone")
-    if args.epoch_scale <= 0:
-        raise UserError(f"--epoch-scale {args.epoch_scale}: must be > 0")
     if args.task != "classify":
         raise UserError("finetune.py trains classifiers; use train.py --task rotation to pre-train")
 
 
 def run_dir_state(args, run_dir: Path) -> str | None:
-    """'skip' for a finished run under --skip-existing; resumes an interrupted one."""
+    """Under --skip-existing: 'skip' a finished run whose best.pt loads, 'resume' an interrupted
+    one (from a last.pt that loads), 'redo' a damaged one (replaced at the end, as --overwrite)."""
     if not args.skip_existing:
         return None
-    if (run_dir / "best.pt").exists() and (run_dir / "summary.json").exists():
-        return "skip"
-    if (run_dir / "last.pt").exists() and not args.resume and not args.overwrite:
-        args.resume = "auto"
-        return "resume"
-    if not (run_dir / "last.pt").exists():
-        args.overwrite = True  # killed before its first epoch ended: nothing worth keeping
-    return None
+    if (run_dir / "summary.json").exists():
+        try:
+            models.load_checkpoint(run_dir / "best.pt")
+            json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            return "skip"
+        except (UserError, ValueError) as e:
+            why = str(e)
+    elif (run_dir / "last.pt").exists() and not args.resume:
+        try:
+            models.load_checkpoint(run_dir / "last.pt")
+            args.resume = "auto"
+            return "resume"
+        except UserError as e:
+            why = str(e)
+    else:
+        return None
+    if _rank() == 0:
+        print(f"redo: {run_dir} is damaged ({why}); training it again", flush=True)
+    args.overwrite = True
+    return "redo"
 
 
 # ---------------------------------------------------------------------------
@@ -487,13 +510,10 @@ def run_dir_state(args, run_dir: Path) -> str | None:
 
 def finetune(args, explicit: set[str]) -> dict:
     """Resolve grid point and start, then train.fit with the fine-tuning hooks."""
-    grid = apply_grid(args, explicit)
+    keep: dict = {"grid": apply_grid(args, explicit)}
     adopt_start(args, explicit)
     check_args(args)
     base = args.name or f"{args.model}_ft"
-    args.grid_point = args.i
-    args.find_unused_parameters = bool(args.lp_epochs)  # DDP: the backbone is frozen at first
-    args.grid_values = grid
     args.name = f"{base}/i{args.i}_s{args.random_seed}"
     run_dir = Path(args.out) / args.name
     state = run_dir_state(args, run_dir)
@@ -503,7 +523,7 @@ def finetune(args, explicit: set[str]) -> dict:
     if state == "resume" and _rank() == 0:
         print(f"{run_dir}: interrupted earlier, resuming from last.pt")
     if _rank() == 0:
-        shown = ", ".join(f"{k}={v}" for k, v in grid.items())
+        shown = ", ".join(f"{k}={v}" for k, v in keep["grid"].items())
         method = (
             "linear probe"
             if args.freeze_backbone
@@ -512,11 +532,7 @@ def finetune(args, explicit: set[str]) -> dict:
             else "full fine-tuning"
         )
         print(f"grid point {args.i} ({method}): {shown or 'all values from flags'}", flush=True)
-    keep: dict = {}
-    summary = train.fit(args, make_hooks(args, keep))
-    if "wise" in keep:
-        summary.update(keep["wise"])
-        write_json(run_dir / "summary.json", summary)
+    summary = train.fit(args, fit_hooks(args, keep))
     if args.report_ranks and "model" in keep:
         # one write: ranks share the terminal, and print's separate "\n" write can interleave
         sys.stdout.write(f"rank {_rank()} final {state_hash(keep['model'].state_dict())}\n")
@@ -525,18 +541,14 @@ def finetune(args, explicit: set[str]) -> dict:
 
 
 def main(argv=None):
-    with cli_errors("finetune.py"):
+    with train.cli("finetune.py"):
         args = parse_args(build_parser(), argv)
         if args.list_grid:
             print(grid_table(args.opt, args.epoch_scale))
             return None
         grid_point(args.i)  # range check before anything is loaded
-        explicit = explicit_dests(argv)
-        try:
-            return finetune(args, explicit)
-        except train.DivergedError as e:
-            print(f"finetune.py: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        train.check_flags(args)
+        return finetune(args, explicit_dests(argv))
 
 
 if __name__ == "__main__":

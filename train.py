@@ -8,7 +8,9 @@
 Data live on the training device as one uint8 tensor; batches are cut, normalised and augmented
 there as tensors (airbench style). Every epoch's data order and augmentation are a function of
 (--random-seed, epoch), and last.pt holds everything else, so --resume reproduces an
-uninterrupted run exactly on CPU.
+uninterrupted run exactly on CPU. Every input is loaded and checked before the run directory is
+touched; --overwrite builds the new run beside the old one and swaps it in at the end (README
+"What is guaranteed").
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
+import hashlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,23 +39,60 @@ import data
 import losses
 import models
 from common import (
+    DirLock,
     Timer,
     UserError,
+    accuracy,
     add_common_flags,
     append_jsonl,
     check_writable_dir,
     cli_errors,
+    commit_dir,
+    ensure_new_output,
+    float_range,
     format_table,
+    fraction,
+    int_range,
+    jsonable,
+    list_of,
+    macro_f1,
+    nonneg_float,
+    nonneg_int,
+    open_fraction,
     parse_args,
+    per_class_accuracy,
+    positive_float,
+    positive_int,
+    probability,
     progress,
     read_jsonl,
+    recover_dir,
+    refuse_together,
+    seed_int,
+    staged_dir,
     write_json,
     write_jsonl,
 )
 
+DEFAULT_LR = {"sgd": 0.2, "adam": 2e-3, "adamw": 2e-3}  # peak lr per --opt when --lr is not given
+# What --resume may change: with a schedule that does not depend on the run's length
+# (constant, plateau), --epochs; and the runtime flags (device, threads, batch of evaluation...).
+EPOCHS_FREE_SCHEDS = ("constant", "plateau")
+
 
 class DivergedError(Exception):
-    """The loss became NaN/inf: training stops, the last good checkpoint is kept."""
+    """The loss became NaN/inf: training stops (exit 1)."""
+
+
+@contextlib.contextmanager
+def cli(prog: str):
+    """common.cli_errors, plus a diverged run as one stderr line and exit 1 (train and finetune)."""
+    with cli_errors(prog):
+        try:
+            yield
+        except DivergedError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 # ---------------------------------------------------------------------------
@@ -67,16 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="data set path (format auto-detected)")
     g.add_argument("--data-format", default=None, help="override auto-detection")
     g.add_argument(
-        "--img-size", type=int, default=None, help="resize to this size (default: native)"
+        "--img-size", type=int_range(1, 4096), default=None, help="resize to this size (native)"
     )
-    g.add_argument("--in-chans", type=int, default=None, help="1 or 3 (default: from the data)")
-    g.add_argument("--val-ratio", type=float, default=0.1, help="held-out fraction (stratified)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split only")
-    g.add_argument("--labels-per-class", type=int, default=None, help="train on K labels per class")
+    g.add_argument("--in-chans", type=int, choices=[1, 3], default=None, help="default: the data's")
+    g.add_argument("--val-ratio", type=fraction, default=0.1, help="held-out fraction (stratified)")
     g.add_argument(
-        "--kfold", type=int, default=0, help="K: stratified (grouped) k-fold instead of --val-ratio"
+        "--split-seed", type=seed_int, default=0, help="seed of the train/val split only"
     )
-    g.add_argument("--fold", type=int, default=0, help="with --kfold: the held-out fold 0..K-1")
+    g.add_argument(
+        "--labels-per-class", type=positive_int, default=None, help="train on K labels per class"
+    )
+    g.add_argument(
+        "--kfold",
+        type=nonneg_int,
+        default=0,
+        help="K >= 2: stratified (grouped) k-fold, not --val-ratio",
+    )
+    g.add_argument("--fold", type=nonneg_int, default=0, help="with --kfold: held-out fold 0..K-1")
     g.add_argument(
         "--relabel",
         default=None,
@@ -105,65 +155,106 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-partial", action="store_true", help="load --weights even if keys differ"
     )
     g.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
-    g.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
-    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (timm models)")
+    g.add_argument("--drop", type=fraction, default=0.0, help="dropout before the classifier")
+    g.add_argument("--drop-path", type=fraction, default=0.0, help="stochastic depth (timm)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--epochs", type=positive_int, default=10)
+    g.add_argument("--batch-size", type=positive_int, default=256)
     g.add_argument("--opt", choices=["sgd", "adamw", "adam"], default="sgd")
-    g.add_argument("--lr", type=float, default=None, help="default: 0.2 (sgd) / 2e-3 (adam*)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="not applied to BN/bias")
+    g.add_argument("--lr", type=positive_float, default=None, help=f"default: {DEFAULT_LR}")
+    g.add_argument("--momentum", type=fraction, default=0.9, help="sgd (Nesterov when > 0)")
+    g.add_argument("--weight-decay", type=nonneg_float, default=5e-4, help="not on BN/bias")
     g.add_argument(
         "--sched", choices=["cosine", "onecycle", "step", "plateau", "constant"], default="onecycle"
     )
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length")
-    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr (cosine)")
-    g.add_argument("--milestones", default="0.5,0.75", help="step: fractions of training")
-    g.add_argument("--gamma", type=float, default=0.1, help="step/plateau: lr factor")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation")
-    g.add_argument("--clip-grad", type=float, default=None, help="max grad norm")
-    g.add_argument("--ema", type=float, default=None, help="weight EMA decay, e.g. 0.999")
+    g.add_argument("--warmup-epochs", type=nonneg_float, default=1.0, help="linear warm-up; at most 20%% of the run's steps")
+    g.add_argument("--min-lr-ratio", type=probability, default=0.0, help="final/peak lr (cosine, onecycle)")
+    g.add_argument(
+        "--milestones",
+        type=list_of(open_fraction),
+        default="0.5,0.75",
+        help="step: fractions of training, comma-separated",
+    )
+    g.add_argument(
+        "--gamma",
+        type=float_range(0, 1, lo_open=True),
+        default=0.1,
+        help="step/plateau: lr factor (0, 1]",
+    )
+    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation")
+    g.add_argument("--clip-grad", type=positive_float, default=None, help="max grad norm")
+    g.add_argument("--ema", type=open_fraction, default=None, help="weight EMA decay, e.g. 0.999")
     g.add_argument("--loss", default="auto", help="ce|label-smoothing|focal|f1|bce|asl")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (ce)")
+    g.add_argument("--smoothing", type=fraction, default=0.1, help="label smoothing (ce)")
 
     g = p.add_argument_group("augmentation")
     g.add_argument(
-        "--aug", default="flip,crop", help="comma list: none,flip,vflip,crop,rot90,randaug"
+        "--aug",
+        default="flip,crop",
+        help="comma list: none,flip,vflip,crop,rot90,randaug,cutout",
     )
-    g.add_argument("--pad", type=int, default=2, help="crop: pad pixels before random crop")
+    g.add_argument("--pad", type=int_range(0, 256), default=2, help="crop: pad before the crop")
     g.add_argument("--mix", choices=["none", "cutmix", "mixup"], default="none")
-    g.add_argument("--mix-alpha", type=float, default=1.0)
-    g.add_argument("--mix-prob", type=float, default=0.5, help="fraction of batches mixed")
+    g.add_argument("--mix-alpha", type=positive_float, default=1.0, help="Beta(alpha, alpha)")
+    g.add_argument("--mix-prob", type=probability, default=0.5, help="fraction of batches mixed")
 
-    g = p.add_argument_group("speed")
-    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    g.add_argument(
-        "--amp",
-        choices=["auto", "none", "bf16", "fp16"],
-        default="auto",
-        help="mixed precision; auto = bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else none",
-    )
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("--eval-batch-size", type=int, default=1024)
-    g.add_argument("--sync-bn", action="store_true", help="DDP: synchronise BatchNorm")
+    g = models.add_runtime_flags(p)
+    g.add_argument("--sync-bn", action="store_true", help="DDP on CUDA: synchronise BatchNorm")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs", help="output root")
     g.add_argument("--name", default=None, help="run name (default: model_task)")
-    g.add_argument("--random-seed", type=int, default=0, help="init, order, augmentation")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, help="resume last.pt")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run")
+    g.add_argument("--random-seed", type=seed_int, default=0, help="init, order, augmentation")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue last.pt (or the given one) with the same flags; may change only "
+        "--epochs (with --sched constant/plateau) and runtime flags (--device, --threads, ...)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace a run (the old one stays until the end)"
+    )
     g.add_argument("--eval-test", action="store_true", help="also evaluate on the test part")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
-    g.add_argument("--split", default="val", help="--eval-only: train|val|test|all")
+    g.add_argument(
+        "--split", choices=data.SPLITS, default="val", help="--eval-only: the part to evaluate"
+    )
     g.add_argument("--linear-eval", default=None, metavar="CKPT", help="per-block linear eval")
     g.add_argument("--nonlinear", action="store_true", help="linear eval: also an MLP probe")
-    g.add_argument("--linear-epochs", type=int, default=30, help="linear eval epochs")
+    g.add_argument("--linear-epochs", type=positive_int, default=30, help="linear eval epochs")
     return p
+
+
+def check_flags(args) -> None:
+    """Combinations the flag types cannot see; UserError naming the flags."""
+    refuse_together(
+        args,
+        ("--eval-only", "--linear-eval"),
+        ("--eval-only", "--resume"),
+        ("--linear-eval", "--resume"),
+        ("--resume", "--overwrite"),
+    )
+    if args.kfold == 1:
+        raise UserError("--kfold 1: needs at least 2 folds; use --kfold 0 for --val-ratio")
+    if args.fold and not args.kfold:
+        raise UserError(f"--fold {args.fold}: needs --kfold K; add it or drop --fold")
+    if args.kfold and args.fold >= args.kfold:
+        raise UserError(
+            f"--fold {args.fold}: must be in 0..{args.kfold - 1} for --kfold {args.kfold}"
+        )
+    if args.nonlinear and not args.linear_eval:
+        raise UserError("--nonlinear: only with --linear-eval CKPT; add it or drop --nonlinear")
+    for flag in ("eval_only", "linear_eval", "resume", "weights"):
+        v = getattr(args, flag, None)
+        if v and v != "auto" and Path(v).is_dir():
+            name = "last.pt" if flag == "resume" else "best.pt"
+            raise UserError(
+                f"--{flag.replace('_', '-')} {v}: is a directory; pass a checkpoint file such as "
+                f"{Path(v) / name}"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -179,17 +270,47 @@ def lr_factor(
     gamma=0.1,
     min_ratio: float = 0.0,
 ) -> float:
-    """Learning-rate multiplier at optimizer step `step` of `total` (plateau handled apart)."""
+    """Learning-rate multiplier at optimizer step `step` (0-based) of `total` (plateau apart).
+
+    Linear warm-up to 1 over `warmup` steps, then the decay; the last step (total - 1) gets the
+    schedule's end value exactly: cosine and onecycle `min_ratio`, step gamma ** (milestones
+    passed), constant/plateau 1.
+    """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    # t runs 0 -> 1 from the first step after warm-up to the last step of the run
+    t = min(1.0, (step - warmup) / max(1, total - warmup - 1))
     if sched == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    if sched == "onecycle":  # linear decay to zero after the warm-up peak (airbench)
-        return max(0.0, 1.0 - t)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if sched == "onecycle":  # linear decay after the warm-up peak (airbench), to min_ratio
+        return min_ratio + (1 - min_ratio) * max(0.0, 1.0 - t)
     if sched == "step":
         return gamma ** sum(step >= m * total for m in milestones)
     return 1.0
+
+
+# Warm-up never takes more than this fraction of a run's optimizer steps: a 1-epoch run with
+# --warmup-epochs 1 would otherwise end at its peak lr without ever decaying.
+WARMUP_MAX_FRAC = 0.2
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total: int, sched: str) -> int:
+    """Warm-up length in optimizer steps: --warmup-epochs, capped at WARMUP_MAX_FRAC of total."""
+    if sched == "constant" or total <= 1:
+        return 0
+    return max(0, min(int(warmup_epochs * steps_per_epoch), int(WARMUP_MAX_FRAC * total)))
+
+
+def plateau_update(state, val_loss: float, gamma: float, patience: int = 2) -> None:
+    """Reduce-on-plateau after an epoch: lr scale *= gamma after `patience` epochs without a
+    val-loss improvement of more than 1e-4 (the next epoch trains at the reduced lr)."""
+    if val_loss < state.plateau_best - 1e-4:
+        state.plateau_best, state.plateau_bad = val_loss, 0
+    else:
+        state.plateau_bad += 1
+        if state.plateau_bad >= patience:
+            state.plateau_scale *= gamma
+            state.plateau_bad = 0
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -204,9 +325,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW/Adam over the given parameter groups."""
+    """SGD (Nesterov unless --momentum 0) or AdamW/Adam over the given parameter groups."""
     if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+        return torch.optim.SGD(
+            groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0
+        )
     cls = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
     return cls(groups, lr=args.lr)
 
@@ -235,15 +358,35 @@ def oversample_index(labels: torch.Tensor, specs: list[str], classes: list[str])
             factor = float(factor)
         except ValueError:
             factor = -1
-        if c is None or factor < 1:
+        if c is None or not 1 <= factor <= 1000:
             raise UserError(
                 f"--oversample {spec}: expected CLASS=FACTOR with a class of {classes[:5]}... "
-                "and FACTOR >= 1"
+                "and FACTOR in [1, 1000]"
             )
         members = idx[y == c]
         whole, frac = int(factor), factor - int(factor)
         extra += [members] * (whole - 1) + [members[: int(round(frac * len(members)))]]
     return np.concatenate([idx, *extra])
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with timm's warm-up: the decay at
+    optimizer step n is min(decay, (1 + n) / (10 + n)), so early averages forget the init."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(_unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def update(self, model: nn.Module, step: int) -> None:
+        ema_update(self.module, model, min(self.decay, (1 + step) / (10 + step)))
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -259,8 +402,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
+    return models.unwrap(model)
 
 
 # ---------------------------------------------------------------------------
@@ -306,32 +448,23 @@ def predict(
 def metrics_from_probs(
     probs: torch.Tensor, labels: torch.Tensor, multi_label: bool, threshold: float = 0.5
 ) -> dict:
-    """Loss and accuracy (exact match for multi-label), macro-F1 / per-label accuracy."""
+    """Loss (torch) and the common.py metrics: accuracy (exact match for multi-label) and
+    macro-F1, or per-label accuracy for multi-label."""
     eps = 1e-7
     if multi_label:
         y = labels.float()
         p = probs.clamp(eps, 1 - eps)
         loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean().item()
-        pred = probs >= threshold
-        per_label = (pred == y.bool()).float().mean(0)
+        t, pred = y.bool().numpy(), (probs >= threshold).numpy()
         return {
             "loss": loss,
-            "acc": (pred == y.bool()).all(1).float().mean().item(),
-            "label_acc": per_label.mean().item(),
+            "acc": accuracy(t, pred),
+            "label_acc": float(per_class_accuracy(t, pred).mean()),
         }
     y = labels.long()
     loss = F.nll_loss(probs.clamp_min(eps).log(), y).item()
-    pred = probs.argmax(1)
-    k = probs.shape[1]
-    cm = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k).double()
-    tp = cm.diag()
-    f1 = 2 * tp / (cm.sum(0) + cm.sum(1)).clamp_min(1)
-    present = (cm.sum(1) + cm.sum(0)) > 0
-    return {
-        "loss": loss,
-        "acc": (pred == y).double().mean().item(),
-        "f1": f1[present].mean().item() if present.any() else 0.0,
-    }
+    t, pred = y.numpy(), probs.argmax(1).numpy()
+    return {"loss": loss, "acc": accuracy(t, pred), "f1": macro_f1(t, pred, probs.shape[1])}
 
 
 def evaluate(
@@ -449,425 +582,6 @@ def build_model(args, num_classes: int, in_chans: int, img_size) -> nn.Module:
     return model
 
 
-def _resolve_defaults(args) -> None:
-    if args.lr is None:
-        args.lr = 0.2 if args.opt == "sgd" else 2e-3
-    if args.name is None:
-        args.name = f"{args.model}_{args.task}"
-
-
-# ---------------------------------------------------------------------------
-# Training
-
-
-def fit(args, hooks: dict | None = None) -> dict:
-    """Train per args; writes best.pt/last.pt/metrics.jsonl/args.json/summary.json to out/name."""
-    hooks = hooks or {}
-    _resolve_defaults(args)
-    dist = _init_distributed(args)
-    rank, world = dist
-    is_main = rank == 0
-    device = models.resolve_device(args.device)
-    args.amp = models.resolve_amp(device, args.amp)
-    if dist[1] > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_dir = Path(args.out) / args.name
-    resume_path = _resume_path(args, run_dir)
-    if is_main and resume_path is None:
-        _check_fresh_run_dir(run_dir, args.overwrite)
-    if is_main:
-        check_writable_dir(run_dir, "--out")
-
-    train_set, val_set, record = load_data(args)
-    rotation = args.task == "rotation"
-    multi_label = train_set.multi_label and not rotation
-    num_classes = 4 if rotation else len(train_set.classes)
-    in_chans, img_hw = train_set.images.shape[1], list(train_set.images.shape[2:])
-    mean, std = data.mean_std(train_set.images)
-    if args.weights and args.weights.endswith(".pt"):
-        with contextlib.suppress(UserError):  # keep the pretrained start's normalisation
-            ck = models.load_checkpoint(args.weights)
-            if len(ck.get("mean", [])) == in_chans:
-                mean, std = ck["mean"], ck["std"]
-    model = build_model(args, num_classes, in_chans, img_hw)
-    if "model_ready" in hooks:
-        hooks["model_ready"](model, args)
-    meta = {
-        "arch": args.model,
-        "num_classes": num_classes,
-        "in_chans": in_chans,
-        "img_size": img_hw,
-        "classes": ["0", "90", "180", "270"] if rotation else train_set.classes,
-        "multi_label": multi_label,
-        "mean": list(mean),
-        "std": list(std),
-        "split": record,
-        "args": vars(args),
-        "task": args.task,
-    }
-    loss_fn = _build_loss(args, multi_label)
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval() if args.ema else None
-    if ema is not None:
-        for p in ema.parameters():
-            p.requires_grad_(False)
-    groups = (
-        hooks["param_groups"](model, args)
-        if "param_groups" in hooks
-        else param_groups(model, args.weight_decay)
-    )
-    opt = make_optimizer(groups, args)
-    for g in opt.param_groups:
-        g.setdefault("lr_scale", 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    sample_idx = oversample_index(train_set.labels, args.oversample, train_set.classes)
-    n_batches = max(1, len(sample_idx) // (args.batch_size * world))
-    steps_per_epoch = max(1, n_batches // args.accum_steps)
-    total_steps = steps_per_epoch * args.epochs
-    warmup = int(args.warmup_epochs * steps_per_epoch) if args.sched != "constant" else 0
-    milestones = tuple(float(m) for m in args.milestones.split(",") if m)
-
-    state = {
-        "epoch": 0,
-        "step": 0,
-        "batch": 0,
-        "best_acc": -1.0,
-        "best_ema_acc": -1.0,
-        "plateau_scale": 1.0,
-        "plateau_best": float("inf"),
-        "plateau_bad": 0,
-        "partial": {"loss": 0.0, "n": 0, "seconds": 0.0, "images": 0},
-    }
-    aug_gen = torch.Generator()
-    if resume_path is not None:
-        _restore(resume_path, model, ema, opt, scaler, state, aug_gen, args)
-        if is_main:
-            _trim_metrics(run_dir / "metrics.jsonl", state["epoch"])
-            print(
-                f"resumed from {resume_path} at epoch {state['epoch'] + 1}, batch {state['batch']}"
-            )
-
-    train_model = model
-    if world > 1:
-        if args.sync_bn:
-            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # parameters frozen for a while (finetune.py LP-FT) get no gradient then
-            find_unused_parameters=getattr(args, "find_unused_parameters", False),
-        )
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    images = train_set.images.to(device, non_blocking=True)
-    labels = train_set.labels.to(device, non_blocking=True)
-    sample_idx_t = torch.from_numpy(sample_idx)
-    aug = [a for a in args.aug.split(",") if a and a != "none"]
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "args.json", vars(args))
-        print(
-            f"{args.name}: {len(train_set)} train / {len(val_set)} val images "
-            f"{in_chans}x{img_hw[0]}x{img_hw[1]}, {num_classes} classes, {args.model} "
-            f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}"
-        )
-
-    loop = SimpleNamespace(
-        args=args,
-        loss_fn=loss_fn,
-        opt=opt,
-        scaler=scaler,
-        aug=aug,
-        aug_gen=aug_gen,
-        mean=mean,
-        std=std,
-        device=device,
-        multi_label=multi_label,
-        num_classes=num_classes,
-        total_steps=total_steps,
-        warmup=warmup,
-        milestones=milestones,
-    )
-    interrupted = {"flag": False}
-    old_handler = _install_sigint(interrupted) if is_main else None
-    eval_kw = dict(
-        batch_size=args.eval_batch_size,
-        device=device,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        quiet=args.quiet,
-    )
-    loop.__dict__.update(
-        model=model,
-        ema=ema,
-        val_set=val_set,
-        eval_kw=eval_kw,
-        meta=meta,
-        run_dir=run_dir,
-        is_main=is_main,
-    )
-    summary_rows = []
-    try:
-        for epoch in range(state["epoch"], args.epochs):
-            if "epoch_start" in hooks:
-                hooks["epoch_start"](epoch, model, opt, args)
-            start_batch = state["batch"]
-            if start_batch == 0:  # epoch boundary: RNGs are a function of (seed, epoch, rank)
-                torch.manual_seed(_epoch_seed(args.random_seed, epoch, rank))
-                aug_gen.manual_seed(_epoch_seed(args.random_seed, epoch, rank) + 1)
-                state["partial"] = {"loss": 0.0, "n": 0, "seconds": 0.0, "images": 0}
-            perm_gen = torch.Generator().manual_seed(_epoch_seed(args.random_seed, epoch, 0) + 2)
-            perm = sample_idx_t[torch.randperm(len(sample_idx_t), generator=perm_gen)]
-            batches = data.batch_indices(len(perm), args.batch_size * world, False, drop_last=True)
-            batches = batches or [torch.arange(len(perm))]
-            batches = [perm[b][rank::world] for b in batches]
-            batches = batches[: steps_per_epoch * args.accum_steps]
-            train_model.train()
-            t0 = time.perf_counter()
-            part = state["partial"]
-            bar = progress(
-                range(start_batch, len(batches)),
-                args.quiet or not is_main,
-                desc=f"epoch {epoch + 1}/{args.epochs}",
-                total=len(batches),
-                initial=start_batch,
-            )
-            for b in bar:
-                # stop between optimizer steps: gradients accumulated so far are not saved
-                if interrupted["flag"] and b % args.accum_steps == 0:
-                    raise KeyboardInterrupt
-                idx = batches[b].to(device, non_blocking=True)
-                loss_val = _train_step(train_model, images[idx], labels[idx], b, loop, state)
-                if ema is not None and (b + 1) % args.accum_steps == 0:
-                    # warm-up (as timm's ModelEma): early averages do not drag in the random init
-                    n = state["step"]
-                    ema_update(ema, model, min(args.ema, (1 + n) / (10 + n)))
-                part["loss"] += loss_val * len(idx)
-                part["n"] += len(idx)
-                part["images"] += len(idx) * world
-                state["batch"] = b + 1
-                if hasattr(bar, "set_postfix") and b % 10 == 0:
-                    bar.set_postfix(loss=f"{part['loss'] / max(1, part['n']):.4f}")
-                if not math.isfinite(loss_val):
-                    raise DivergedError(
-                        f"loss became {loss_val} at epoch {epoch + 1} step {state['step']} "
-                        f"(lr {opt.param_groups[0]['lr']:.3g}); last good checkpoint kept in "
-                        f"{run_dir}; try a lower --lr, --amp bf16 or --clip-grad 1.0"
-                    )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            part["seconds"] += time.perf_counter() - t0
-            if world > 1:
-                _average_buffers(model, world)
-            row = _end_epoch(epoch, loop, part, state)
-            summary_rows.append(row)
-            state["epoch"], state["batch"] = epoch + 1, 0
-            if is_main:
-                _save_last(run_dir, model, ema, opt, scaler, state, aug_gen, meta)
-    except KeyboardInterrupt:
-        if is_main:
-            # A second Ctrl-C can land inside a step (model half-updated): keep the last
-            # consistent last.pt rather than saving that state.
-            if state["batch"] > 0 and not interrupted.get("abort"):
-                _save_last(run_dir, model, ema, opt, scaler, state, aug_gen, meta)
-            last = run_dir / "last.pt"
-            msg = (
-                f"interrupted: {last} holds the state to continue from; rerun the same command "
-                "plus --resume"
-                if last.exists()
-                else "interrupted before the first checkpoint; nothing to resume, rerun the command"
-            )
-            print(f"\n{msg}", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-
-    result = _finish(
-        args,
-        run_dir,
-        model,
-        ema,
-        val_set,
-        mean,
-        std,
-        multi_label,
-        eval_kw,
-        state,
-        meta,
-        is_main,
-        hooks,
-    )
-    if world > 1:
-        torch.distributed.barrier()
-    return result
-
-
-def _train_step(model, x_u8, y, b: int, loop: SimpleNamespace, state: dict) -> float:
-    """One forward/backward on a batch; steps the optimizer every --accum-steps batches."""
-    x = data.normalize(x_u8, loop.mean, loop.std)
-    if loop.aug:
-        x = data.augment_batch(x, loop.aug, loop.aug_gen, pad=loop.args.pad)
-    if loop.args.task == "rotation":
-        x, y = data.rotate_batch(x)
-        y = y.to(loop.device)
-    elif (
-        loop.args.mix != "none"
-        and torch.rand((), generator=loop.aug_gen).item() < loop.args.mix_prob
-    ):
-        y_soft = y.float() if loop.multi_label else F.one_hot(y, loop.num_classes).float()
-        x, y = data.mix_batch(x, y_soft, loop.args.mix, loop.args.mix_alpha, loop.aug_gen)
-    if loop.args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with models.autocast(loop.device, loop.args.amp):
-        out = model(x)
-    loss = loop.loss_fn(out.float(), y)
-    loop.scaler.scale(loss / loop.args.accum_steps).backward()
-    if (b + 1) % loop.args.accum_steps == 0:
-        scale = state["plateau_scale"] * lr_factor(
-            state["step"],
-            loop.total_steps,
-            loop.warmup,
-            loop.args.sched,
-            loop.milestones,
-            loop.args.gamma,
-            loop.args.min_lr_ratio,
-        )
-        for g in loop.opt.param_groups:
-            g["lr"] = loop.args.lr * scale * g.get("lr_scale", 1.0)
-        if loop.args.clip_grad:
-            loop.scaler.unscale_(loop.opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), loop.args.clip_grad)
-        loop.scaler.step(loop.opt)
-        loop.scaler.update()
-        loop.opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-    return loss.item()
-
-
-def _end_epoch(epoch: int, loop: SimpleNamespace, part: dict, state: dict) -> dict:
-    """Evaluate, log a metrics row, save best.pt / best_ema.pt."""
-    args, model, ema, val_set, opt = loop.args, loop.model, loop.ema, loop.val_set, loop.opt
-    mean, std, multi_label, eval_kw = loop.mean, loop.std, loop.multi_label, loop.eval_kw
-    meta, run_dir, is_main = loop.meta, loop.run_dir, loop.is_main
-    m = evaluate(
-        model, val_set.images, val_set.labels, mean, std, multi_label, args.task, **eval_kw
-    )
-    row = {
-        "epoch": epoch + 1,
-        "train_loss": part["loss"] / max(1, part["n"]),
-        "val_loss": m["loss"],
-        "val_acc": m["acc"],
-        "lr": opt.param_groups[0]["lr"],
-        "seconds": round(part["seconds"], 3),
-        "images_per_s": round(part["images"] / max(part["seconds"], 1e-9), 1),
-    }
-    row.update({f"val_{k}": v for k, v in m.items() if k not in ("loss", "acc")})
-    if ema is not None:
-        me = evaluate(
-            ema, val_set.images, val_set.labels, mean, std, multi_label, args.task, **eval_kw
-        )
-        row["ema_val_acc"] = me["acc"]
-        row["ema_val_loss"] = me["loss"]
-    if args.sched == "plateau":
-        if m["loss"] < state["plateau_best"] - 1e-4:
-            state["plateau_best"], state["plateau_bad"] = m["loss"], 0
-        else:
-            state["plateau_bad"] += 1
-            if state["plateau_bad"] >= 2:
-                state["plateau_scale"] *= args.gamma
-                state["plateau_bad"] = 0
-    if not is_main:
-        return row
-    append_jsonl(run_dir / "metrics.jsonl", row)
-    acc = (
-        m["acc"]
-        if math.isfinite(m["acc"])
-        else -row["val_loss"]
-        if math.isfinite(row["val_loss"])
-        else 0.0
-    )
-    if acc > state["best_acc"] or len(val_set) == 0:
-        state["best_acc"] = acc
-        models.save_checkpoint(run_dir / "best.pt", _unwrap(model), {**meta, "metrics": row})
-    if ema is not None and row["ema_val_acc"] > state["best_ema_acc"]:
-        state["best_ema_acc"] = row["ema_val_acc"]
-        models.save_checkpoint(
-            run_dir / "best_ema.pt",
-            ema,
-            {**meta, "metrics": {**row, "val_acc": row["ema_val_acc"]}},
-        )
-    extra = f"  ema {row['ema_val_acc']:.4f}" if ema is not None else ""
-    f1 = f"  f1 {row['val_f1']:.4f}" if "val_f1" in row else ""
-    print(
-        f"epoch {epoch + 1:3d}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
-        f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}{f1}{extra}  "
-        f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s",
-        flush=True,
-    )
-    return row
-
-
-def _finish(
-    args, run_dir, model, ema, val_set, mean, std, multi_label, eval_kw, state, meta, is_main, hooks
-) -> dict:
-    """Final hooks, optional test evaluation, summary.json and the closing table."""
-    if "after_fit" in hooks:
-        hooks["after_fit"](model, run_dir, args, meta)
-    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    summary = {
-        "run_dir": str(run_dir),
-        "best_val_acc": state["best_acc"],
-        "best_ema_val_acc": state["best_ema_acc"] if ema is not None else None,
-        "epochs": args.epochs,
-        "train_seconds": round(sum(r.get("seconds", 0) for r in rows), 1),
-        "images_per_s": rows[-1]["images_per_s"] if rows else None,
-    }
-    if args.eval_test and is_main and args.task == "classify":
-        summary.update(_eval_test(args, run_dir, eval_kw))
-    if is_main:
-        write_json(run_dir / "summary.json", summary)
-        table = [["best val acc", summary["best_val_acc"]]]
-        if ema is not None:
-            table.append(["best EMA val acc", summary["best_ema_val_acc"]])
-        for k in ("test_acc", "ema_test_acc"):
-            if k in summary:
-                table.append([k.replace("_", " "), summary[k]])
-        table += [
-            ["train time (s)", summary["train_seconds"]],
-            ["images/s (last epoch)", summary["images_per_s"]],
-            ["wrote", f"{run_dir}/{{best,last}}.pt, metrics.jsonl"],
-        ]
-        print(format_table(table, ["result", "value"]))
-    return summary
-
-
-def _eval_test(args, run_dir: Path, eval_kw: dict) -> dict:
-    """Accuracy of best.pt (and best_ema.pt) on the data set's own test part."""
-    out = {}
-    try:
-        test_set, _ = data.load_split(args.data, "test", **split_kwargs(args))
-    except UserError as e:
-        print(f"warning: no test part evaluated ({e})", file=sys.stderr)
-        return out
-    if not test_set.has_labels:
-        return out
-    for key, name in (("test_acc", "best.pt"), ("ema_test_acc", "best_ema.pt")):
-        if (run_dir / name).exists():
-            m, ck = models.load_model(run_dir / name, eval_kw["device"])
-            r = evaluate_checkpoint(m, ck, test_set.images, test_set.labels, **eval_kw)
-            out[key] = r["acc"]
-    write_json(run_dir / "test_metrics.json", out)
-    return out
-
-
 def _build_loss(args, multi_label: bool) -> nn.Module:
     name = args.loss
     if name == "auto":
@@ -883,84 +597,471 @@ def _build_loss(args, multi_label: bool) -> nn.Module:
         raise UserError(f"--loss {args.loss}: {e}") from None
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63)
+# ---------------------------------------------------------------------------
+# The run directory: one writer, fresh/resume checks, staging under --overwrite, checkpoints
 
 
-def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """Drop log rows past the resume point (killed after logging an epoch, before its last.pt)
-    and a torn last line, so the resumed run appends to a clean log."""
-    if not path.exists():
-        return
-    rows = read_jsonl(path)
-    keep = [r for r in rows if r.get("epoch", 0) <= epochs_done]
-    if len(keep) != len(rows) or not path.read_text(encoding="utf-8").endswith("\n"):
-        write_jsonl(path, keep)
+# Files a run writes; --overwrite replaces a directory only when it holds nothing else.
+RUN_FILES = {
+    "args.json", "metrics.jsonl", "summary.json", "test_metrics.json", "last.pt", "best.pt",
+    "best_ema.pt", "best_finetuned.pt", "wise.json",
+}  # fmt: skip
 
 
-def _resume_path(args, run_dir: Path) -> Path | None:
-    if not args.resume:
+class RunDir:
+    """<out>/<name>. `check` (read-only) says whether to start or resume; `open` takes the lock
+    (rank 0) and, under --overwrite, a staging directory beside the old run, which `close`
+    swaps in only when the run ends well; files go to `path` meanwhile."""
+
+    def __init__(self, final: Path, is_main: bool = True):
+        self.final = final
+        self.path = final
+        self.is_main = is_main
+        self.staged = False
+        self.lock = DirLock(final, "--name")
+
+    def check(self, args) -> Path | None:
+        """The last.pt to resume, or None for a new run; UserError when neither is right."""
+        if args.resume:
+            path = self.final / "last.pt" if args.resume == "auto" else Path(args.resume)
+            if not path.exists():
+                raise UserError(f"{path}: nothing to resume; drop --resume to start a new run")
+            return path
+        if not self.is_main:
+            return None
+        ensure_new_output(self.final, "summary.json", args.overwrite)
+        if (self.final / "last.pt").exists() and not args.overwrite:
+            raise UserError(
+                f"{self.final}: holds an interrupted run; add --resume to continue it, "
+                "or --overwrite to start again"
+            )
+        if args.overwrite and self.final.is_dir():
+            other = sorted(
+                p.name
+                for p in self.final.iterdir()
+                if p.name not in RUN_FILES and not p.name.startswith(".")
+            )
+            if other:
+                raise UserError(
+                    f"{self.final}: holds files that are not part of a run ({', '.join(other[:3])}); "
+                    "--overwrite replaces the whole directory: move them or choose another --name"
+                )
+        check_writable_dir(self.final, "--out")
         return None
-    path = run_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
-    if not path.exists():
-        raise UserError(f"{path}: nothing to resume; drop --resume to start a new run")
-    return path
+
+    def open(self, args, record: dict, resuming: bool) -> None:
+        """Lock; stage under --overwrite; write `record` as args.json (rank 0 only)."""
+        if not self.is_main:
+            return
+        self.lock.acquire()
+        try:
+            recover_dir(self.final)
+            self.check(args)  # again, now that no other command can change it
+            if args.overwrite and not resuming and self.final.exists():
+                self.path, self.staged = staged_dir(self.final), True
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                if not resuming:  # leftovers of a run killed before its first epoch ended
+                    for f in ("metrics.jsonl", "best.pt", "best_ema.pt"):
+                        (self.path / f).unlink(missing_ok=True)
+            write_json(self.path / "args.json", record)
+        except BaseException:
+            self.close(ok=False)
+            raise
+
+    def close(self, ok: bool) -> None:
+        """Commit a staged run when ok, else drop it (the old run stays); release the lock."""
+        if not self.is_main:
+            return
+        try:
+            if self.staged and ok:
+                commit_dir(self.path, self.final)
+            elif self.staged:
+                shutil.rmtree(self.path, ignore_errors=True)
+            self.path = self.final
+            self.staged = False
+        finally:
+            self.lock.release()
+
+    def log(self, row: dict) -> None:
+        append_jsonl(self.path / "metrics.jsonl", row)
+
+    def trim_log(self, epochs_done: int) -> None:
+        """Drop log rows past the resume point (killed after logging an epoch, before its last.pt)
+        and a torn last line, so the resumed run appends to a clean log."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = read_jsonl(path)
+        keep = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+        if len(keep) != len(rows) or not path.read_text(encoding="utf-8").endswith("\n"):
+            write_jsonl(path, keep)
+
+    def save_best(self, name: str, model: nn.Module, meta: dict, row: dict) -> None:
+        models.save_checkpoint(self.path / name, _unwrap(model), {**meta, "metrics": row})
+
+    def save_last(self, t: Training) -> None:
+        extra = {
+            "optimizer": t.opt.state_dict(),
+            "scaler": t.scaler.state_dict(),
+            "train_state": asdict(t.state),
+            "aug_rng": t.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "resume_fingerprint": t.fingerprint,
+        }
+        if t.ema is not None:
+            extra["ema_state_dict"] = t.ema.state_dict()
+        if torch.cuda.is_available():
+            extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+        models.save_checkpoint(self.path / "last.pt", _unwrap(t.model), t.meta, extra=extra)
+
+    def rows(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        return read_jsonl(path) if path.exists() else []
 
 
-def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if overwrite:
-        for f in ("metrics.jsonl", "summary.json", "best.pt", "best_ema.pt", "last.pt"):
-            (run_dir / f).unlink(missing_ok=True)
-        return
-    if (run_dir / "summary.json").exists():
+# ---------------------------------------------------------------------------
+# Resume: what a continued run depends on must not change
+
+
+# args that shape the trajectory of a run (flag = key with "-" for "_")
+RESUME_KEYS = (
+    "model", "task", "opt", "amp", "batch_size", "accum_steps", "lr", "momentum",
+    "weight_decay", "sched", "warmup_epochs", "min_lr_ratio", "milestones", "gamma", "epochs",
+    "clip_grad", "ema", "loss", "smoothing", "aug", "pad", "mix", "mix_alpha", "mix_prob",
+    "drop", "drop_path", "random_seed", "labels_per_class", "oversample", "img_size", "in_chans",
+)  # fmt: skip
+
+
+def fingerprint(args, keys, train_set, record: dict, world: int) -> dict:
+    """What resume depends on: the trajectory flags, the world size, the data and the split."""
+    h = hashlib.sha1(data.ids_hash(train_set.ids).encode())
+    h.update(np.ascontiguousarray(train_set.labels.numpy()).tobytes())
+    fp = {k: _plain(getattr(args, k, None)) for k in keys}
+    fp.update(world_size=world, data=h.hexdigest()[:16], split=record.get("val_hash"))
+    return jsonable(fp)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def fingerprint_changes(saved: dict, now: dict) -> list[str]:
+    """'--lr 0.1 (was 0.2)' for each difference that resume cannot honour."""
+    out = []
+    for k, v in now.items():
+        if k not in saved or saved[k] == v:
+            continue
+        if k == "epochs" and now.get("sched") in EPOCHS_FREE_SCHEDS:
+            continue
+        if k == "data":
+            out.append("the training data (other images or labels)")
+        elif k == "split":
+            out.append("the train/val split (other held-out ids)")
+        elif k == "world_size":
+            out.append(f"{v} processes (was {saved[k]})")
+        else:
+            out.append(f"--{k.replace('_', '-')} {v} (was {saved[k]})")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class FitHooks:
+    """What a caller (finetune.py) changes in fit; every field is optional and explicit."""
+
+    param_groups: Callable[[nn.Module], list[dict]] | None = None  # optimizer groups
+    prepare_model: Callable[[nn.Module], None] | None = None  # before EMA copy / DDP wrap
+    epoch_start: Callable[[int, nn.Module], None] | None = None  # (epoch index, model)
+    epoch_end: Callable[[int, dict], None] | None = None  # (epoch index, its metrics row)
+    after_fit: Callable[[Training], dict | None] | None = None  # rank 0; dict joins summary
+    find_unused_parameters: bool = False  # DDP: some parameters get no gradient for a while
+    record: dict = field(default_factory=dict)  # extra keys for args.json / checkpoint "args"
+    resume_keys: tuple[str, ...] = ()  # extra args resume depends on
+
+
+def _empty_partial() -> dict:
+    return {"loss": 0.0, "n": 0, "seconds": 0.0, "images": 0}
+
+
+@dataclass
+class TrainState:
+    """The counters last.pt saves ('train_state'): position in the run and best scores."""
+
+    epoch: int = 0
+    step: int = 0
+    batch: int = 0
+    best_acc: float = -1.0
+    best_ema_acc: float = -1.0
+    plateau_scale: float = 1.0
+    plateau_best: float = float("inf")
+    plateau_bad: int = 0
+    partial: dict = field(default_factory=_empty_partial)  # the epoch in progress
+
+
+@dataclass
+class Training:
+    """Everything the loop works with, built by `_prepare` before anything is written."""
+
+    args: argparse.Namespace
+    hooks: FitHooks
+    rt: models.Runtime
+    rank: int
+    world: int
+    run: RunDir
+    train_set: data.ImageSet
+    val_set: data.ImageSet
+    meta: dict  # checkpoint metadata
+    model: nn.Module
+    ema: EMA | None
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    fingerprint: dict
+    sample_idx: torch.Tensor  # one epoch's indices (oversampling applied)
+    steps_per_epoch: int
+    aug_gen: torch.Generator = field(default_factory=torch.Generator)
+    state: TrainState = field(default_factory=TrainState)
+    aug: list[str] = field(default_factory=list)  # --aug names
+    resume_from: Path | None = None
+    train_model: nn.Module | None = None  # set by _wrap_for_training: DDP / torch.compile
+    images: torch.Tensor | None = None  # the training images and labels on the device
+    labels: torch.Tensor | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def multi_label(self) -> bool:
+        return self.meta["multi_label"]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.args.epochs
+
+    @property
+    def warmup(self) -> int:
+        a = self.args
+        return warmup_steps(a.warmup_epochs, self.steps_per_epoch, self.total_steps, a.sched)
+
+
+def fit(args, hooks: FitHooks | None = None) -> dict:
+    """Train per args; writes best.pt/last.pt/metrics.jsonl/args.json/summary.json to out/name."""
+    t = _prepare(args, hooks or FitHooks())
+    ok = False
+    t.run.open(t.args, t.meta["args"], resuming=t.resume_from is not None)
+    try:
+        if t.resume_from is not None and t.is_main:
+            t.run.trim_log(t.state.epoch)
+            print(
+                f"resumed from {t.resume_from} at epoch {t.state.epoch + 1}, batch {t.state.batch}"
+            )
+        _wrap_for_training(t)
+        _announce(t)
+        _train_epochs(t)
+        summary = _finish(t)
+        ok = True
+    finally:
+        t.run.close(ok)
+    if t.world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _prepare(args, hooks: FitHooks) -> Training:
+    """Check every flag and load every input (data, weights, last.pt); nothing is written."""
+    check_flags(args)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.opt]
+    if args.name is None:
+        args.name = f"{args.model}_{args.task}"
+    rank, world = _init_distributed(args)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None
+    rt = models.setup_runtime(args, local_rank)
+    if args.sync_bn and rt.device.type != "cuda":
         raise UserError(
-            f"{run_dir}: already holds a finished run; pass --overwrite or a new --name"
+            f"--sync-bn: SyncBatchNorm needs CUDA, and this run is on {rt.device.type}; drop "
+            "--sync-bn (BN statistics are averaged over ranks after every epoch anyway)"
         )
-    if (run_dir / "last.pt").exists():
-        raise UserError(
-            f"{run_dir}: holds an interrupted run; add --resume to continue it, "
-            "or --overwrite to start again"
-        )
-
-
-def _save_last(run_dir, model, ema, opt, scaler, state, aug_gen, meta) -> None:
-    extra = {
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(),
-        "train_state": state,
-        "aug_rng": aug_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
+    args.amp = rt.amp
+    run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
+    resume_from = run.check(args)
+    aug = data._aug_names(args.aug)  # unknown names: UserError now
+    train_set, val_set, record = load_data(args)
+    rotation = args.task == "rotation"
+    multi_label = train_set.multi_label and not rotation
+    num_classes = 4 if rotation else len(train_set.classes)
+    in_chans, img_hw = train_set.images.shape[1], list(train_set.images.shape[2:])
+    mean, std = _normalisation(args, train_set, in_chans)
+    loss_fn = _build_loss(args, multi_label)
+    sample_idx = oversample_index(train_set.labels, args.oversample, train_set.classes)
+    steps_per_epoch = _steps_per_epoch(args, len(sample_idx), world)
+    model = build_model(args, num_classes, in_chans, img_hw)
+    if hooks.prepare_model:
+        hooks.prepare_model(model)
+    args_record = {**vars(args), **hooks.record}
+    meta = {
+        "arch": args.model,
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "img_size": img_hw,
+        "classes": ["0", "90", "180", "270"] if rotation else train_set.classes,
+        "multi_label": multi_label,
+        "mean": list(mean),
+        "std": list(std),
+        "split": record,
+        "args": args_record,
+        "task": args.task,
     }
-    if ema is not None:
-        extra["ema_state_dict"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
-    if torch.cuda.is_available():
-        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-    models.save_checkpoint(run_dir / "last.pt", _unwrap(model), meta, extra=extra)
+    model.to(rt.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    groups = hooks.param_groups(model) if hooks.param_groups else None
+    opt = make_optimizer(groups or param_groups(model, args.weight_decay), args)
+    for g in opt.param_groups:
+        g.setdefault("lr_scale", 1.0)
+    t = Training(
+        args=args,
+        hooks=hooks,
+        rt=rt,
+        rank=rank,
+        world=world,
+        run=run,
+        train_set=train_set,
+        val_set=val_set,
+        meta=meta,
+        model=model,
+        ema=EMA(model, args.ema) if args.ema else None,
+        opt=opt,
+        scaler=torch.amp.GradScaler(rt.device.type, enabled=args.amp == "fp16"),
+        loss_fn=loss_fn,
+        fingerprint=fingerprint(args, RESUME_KEYS + hooks.resume_keys, train_set, record, world),
+        sample_idx=torch.from_numpy(sample_idx),
+        steps_per_epoch=steps_per_epoch,
+        aug=aug,
+        resume_from=resume_from,
+    )
+    if resume_from is not None:
+        _restore(t, resume_from)
+    return t
 
 
-def _restore(path, model, ema, opt, scaler, state, aug_gen, args) -> None:
-    ck = models.load_checkpoint(path)
-    if ck.get("arch") != args.model or "train_state" not in ck:
+def _normalisation(args, train_set, in_chans: int) -> tuple[list, list]:
+    """The data's mean/std, or the pretrained start's when --weights is a checkpoint of ours."""
+    mean, std = data.mean_std(train_set.images)
+    if args.weights and args.weights.endswith(".pt"):
+        with contextlib.suppress(UserError):
+            ck = models.load_checkpoint(args.weights)
+            if len(ck.get("mean", [])) == in_chans:
+                mean, std = ck["mean"], ck["std"]
+    return mean, std
+
+
+def _steps_per_epoch(args, n_samples: int, world: int) -> int:
+    n_batches = max(1, n_samples // (args.batch_size * world))
+    if args.accum_steps > n_batches:
         raise UserError(
-            f"{path}: a last.pt of model {ck.get('arch')!r}, not {args.model!r}; "
-            "resume with the same --model, or drop --resume"
+            f"--accum-steps {args.accum_steps}: an epoch has only {n_batches} batch(es) of "
+            f"--batch-size {args.batch_size}, so no optimizer step would happen; use "
+            f"--accum-steps {n_batches} or less, or a smaller --batch-size"
+        )
+    return n_batches // args.accum_steps
+
+
+def _restore(t: Training, path: Path) -> None:
+    """Load last.pt into the model, EMA, optimizer, scaler, counters and RNGs (after checking
+    that it was written by a run with the same settings)."""
+    ck = models.load_checkpoint(path)
+    if "train_state" not in ck:
+        raise UserError(
+            f"{path}: holds no training state (a best.pt or an exported model?); --resume needs "
+            f"the last.pt of a run, e.g. {Path(t.args.out) / t.args.name / 'last.pt'}"
+        )
+    saved = ck.get("resume_fingerprint") or {  # older last.pt: compare its recorded flags
+        **{k: _plain(ck.get("args", {}).get(k)) for k in t.fingerprint if k in ck.get("args", {})},
+        "split": (ck.get("split") or {}).get("val_hash"),
+    }
+    if "model" not in saved:
+        saved["model"] = ck["arch"]
+    changes = fingerprint_changes(saved, t.fingerprint)
+    if changes:
+        raise UserError(
+            f"{path}: cannot continue with other settings: {', '.join(changes)}; rerun with the "
+            "original flags, or start a new run with a new --name (or --overwrite)"
         )
     try:
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
+        t.model.load_state_dict(ck["state_dict"])
+        t.opt.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError) as e:
         raise UserError(
             f"{path}: does not match this model/optimizer ({str(e)[:80]}); "
             "resume with the same flags"
         ) from None
-    scaler.load_state_dict(ck["scaler"])
-    if ema is not None and "ema_state_dict" in ck:
-        ema.load_state_dict(ck["ema_state_dict"])
-    state.update(ck["train_state"])
-    aug_gen.set_state(ck["aug_rng"])
+    t.scaler.load_state_dict(ck["scaler"])
+    if t.ema is not None and "ema_state_dict" in ck:
+        t.ema.load_state_dict(ck["ema_state_dict"])
+    t.state = TrainState(**ck["train_state"])
+    t.aug_gen.set_state(ck["aug_rng"])
     torch.set_rng_state(ck["torch_rng"])
     if "cuda_rng" in ck and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
+
+
+def _wrap_for_training(t: Training) -> None:
+    """DDP (with SyncBatchNorm on CUDA when asked) and torch.compile around the model."""
+    m = t.model
+    if t.world > 1:
+        if t.args.sync_bn:
+            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        m = nn.parallel.DistributedDataParallel(
+            m,
+            device_ids=[t.rt.device.index] if t.rt.device.type == "cuda" else None,
+            find_unused_parameters=t.hooks.find_unused_parameters,
+        )
+    t.train_model = torch.compile(m) if t.args.compile else m
+    t.images = t.train_set.images.to(t.rt.device, non_blocking=True)
+    t.labels = t.train_set.labels.to(t.rt.device, non_blocking=True)
+
+
+def _announce(t: Training) -> None:
+    if t.is_main:
+        n_params = sum(p.numel() for p in t.model.parameters()) / 1e6
+        c, h, w = t.train_set.images.shape[1:]
+        print(
+            f"{t.args.name}: {len(t.train_set)} train / {len(t.val_set)} val images "
+            f"{c}x{h}x{w}, {t.meta['num_classes']} classes, {t.args.model} "
+            f"({n_params:.2f}M params) on {t.rt.device}"
+        )
+
+
+def _train_epochs(t: Training) -> None:
+    """The epochs left; Ctrl-C saves last.pt and exits 130, a NaN loss raises DivergedError."""
+    interrupted = {"flag": False}
+    old_handler = _install_sigint(interrupted) if t.is_main else None
+    try:
+        for epoch in range(t.state.epoch, t.args.epochs):
+            if t.hooks.epoch_start:
+                t.hooks.epoch_start(epoch, t.model)
+            _train_epoch(t, epoch, interrupted)
+            row = _end_epoch(t, epoch)
+            t.state.epoch, t.state.batch = epoch + 1, 0
+            if t.is_main:
+                t.run.save_last(t)
+            if t.hooks.epoch_end:
+                t.hooks.epoch_end(epoch, row)
+    except KeyboardInterrupt:
+        if t.is_main:
+            _report_interrupt(t, interrupted)
+        raise SystemExit(130) from None
+    except DivergedError as e:
+        raise DivergedError(f"{e}; {_what_is_kept(t)}") from None
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
 
 
 def _install_sigint(flag: dict):
@@ -979,6 +1080,104 @@ def _install_sigint(flag: dict):
         return None
 
 
+def _train_epoch(t: Training, epoch: int, interrupted: dict) -> None:
+    """Train from state.batch to the end of the epoch; the epoch's timing goes to state.partial."""
+    args, state, rank = t.args, t.state, t.rank
+    if state.batch == 0:  # epoch boundary: RNGs are a function of (seed, epoch, rank)
+        torch.manual_seed(_epoch_seed(args.random_seed, epoch, rank))
+        t.aug_gen.manual_seed(_epoch_seed(args.random_seed, epoch, rank) + 1)
+        state.partial = _empty_partial()
+    batches = _epoch_batches(t, epoch)
+    t.train_model.train()
+    t0 = time.perf_counter()
+    part = state.partial
+    bar = progress(
+        range(state.batch, len(batches)),
+        args.quiet or not t.is_main,
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        total=len(batches),
+        initial=state.batch,
+    )
+    for b in bar:
+        # stop between optimizer steps: gradients accumulated so far are not saved
+        if interrupted["flag"] and b % args.accum_steps == 0:
+            raise KeyboardInterrupt
+        idx = batches[b].to(t.rt.device, non_blocking=True)
+        loss_val = _train_step(t, t.images[idx], t.labels[idx], b)
+        if t.ema is not None and (b + 1) % args.accum_steps == 0:
+            t.ema.update(t.model, state.step)
+        part["loss"] += loss_val * len(idx)
+        part["n"] += len(idx)
+        part["images"] += len(idx) * t.world
+        state.batch = b + 1
+        if hasattr(bar, "set_postfix") and b % 10 == 0:
+            bar.set_postfix(loss=f"{part['loss'] / max(1, part['n']):.4f}")
+        if not math.isfinite(loss_val):
+            raise DivergedError(
+                f"loss became {loss_val} at epoch {epoch + 1} step {state.step} "
+                f"(lr {t.opt.param_groups[0]['lr']:.3g}); training stopped"
+            )
+    if t.rt.device.type == "cuda":
+        torch.cuda.synchronize(t.rt.device)
+    part["seconds"] += time.perf_counter() - t0
+    if t.world > 1:
+        _average_buffers(t.model, t.world)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63)
+
+
+def _epoch_batches(t: Training, epoch: int) -> list[torch.Tensor]:
+    """This rank's batches of the epoch: one permutation shared by all ranks, cut, strided."""
+    n, bs, world = len(t.sample_idx), t.args.batch_size * t.world, t.world
+    perm_gen = torch.Generator().manual_seed(_epoch_seed(t.args.random_seed, epoch, 0) + 2)
+    perm = t.sample_idx[torch.randperm(n, generator=perm_gen)]
+    batches = data.batch_indices(n, bs, False, drop_last=True) or [torch.arange(n)]
+    batches = [perm[b][t.rank :: world] for b in batches]
+    return batches[: t.steps_per_epoch * t.args.accum_steps]
+
+
+def _train_step(t: Training, x_u8: torch.Tensor, y: torch.Tensor, b: int) -> float:
+    """One forward/backward on a batch; steps the optimizer every --accum-steps batches."""
+    args = t.args
+    x = data.normalize(x_u8, t.meta["mean"], t.meta["std"])
+    if t.aug:
+        x = data.augment_batch(x, t.aug, t.aug_gen, pad=args.pad)
+    if args.task == "rotation":
+        x, y = data.rotate_batch(x)
+        y = y.to(t.rt.device)
+    elif args.mix != "none" and torch.rand((), generator=t.aug_gen).item() < args.mix_prob:
+        y_soft = y.float() if t.multi_label else F.one_hot(y, t.meta["num_classes"]).float()
+        x, y = data.mix_batch(x, y_soft, args.mix, args.mix_alpha, t.aug_gen)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with models.autocast(t.rt.device, args.amp):
+        out = t.train_model(x)
+    loss = t.loss_fn(out.float(), y)
+    t.scaler.scale(loss / args.accum_steps).backward()
+    if (b + 1) % args.accum_steps == 0:
+        scale = t.state.plateau_scale * lr_factor(
+            t.state.step,
+            t.total_steps,
+            t.warmup,
+            args.sched,
+            args.milestones,
+            args.gamma,
+            args.min_lr_ratio,
+        )
+        for g in t.opt.param_groups:
+            g["lr"] = args.lr * scale * g.get("lr_scale", 1.0)
+        if args.clip_grad:
+            t.scaler.unscale_(t.opt)
+            torch.nn.utils.clip_grad_norm_(t.train_model.parameters(), args.clip_grad)
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.opt.zero_grad(set_to_none=True)
+        t.state.step += 1
+    return loss.item()
+
+
 def _average_buffers(model: nn.Module, world: int) -> None:
     """Average float buffers (BN running stats) over ranks, so all ranks evaluate one model.
 
@@ -990,6 +1189,134 @@ def _average_buffers(model: nn.Module, world: int) -> None:
         if b.is_floating_point():
             dist.all_reduce(b, op=dist.ReduceOp.SUM)
             b.div_(world)
+
+
+def _end_epoch(t: Training, epoch: int) -> dict:
+    """Evaluate, log a metrics row, save best.pt / best_ema.pt, print the epoch line."""
+    args, state, val, part = t.args, t.state, t.val_set, t.state.partial
+    kw = dict(multi_label=t.multi_label, task=args.task, **t.rt.predict_kw())
+    m = evaluate(t.model, val.images, val.labels, t.meta["mean"], t.meta["std"], **kw)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": part["loss"] / max(1, part["n"]),
+        "val_loss": m["loss"],
+        "val_acc": m["acc"],
+        "lr": t.opt.param_groups[0]["lr"],
+        "seconds": round(part["seconds"], 3),
+        "images_per_s": round(part["images"] / max(part["seconds"], 1e-9), 1),
+    }
+    row.update({f"val_{k}": v for k, v in m.items() if k not in ("loss", "acc")})
+    if t.ema is not None:
+        me = evaluate(t.ema.module, val.images, val.labels, t.meta["mean"], t.meta["std"], **kw)
+        row["ema_val_acc"] = me["acc"]
+        row["ema_val_loss"] = me["loss"]
+    if args.sched == "plateau":
+        plateau_update(state, m["loss"], args.gamma)
+    if not t.is_main:
+        return row
+    t.run.log(row)
+    loss = row["val_loss"]
+    score = m["acc"] if math.isfinite(m["acc"]) else -loss if math.isfinite(loss) else 0.0
+    if score > state.best_acc or len(val) == 0:
+        state.best_acc = score
+        t.run.save_best("best.pt", t.model, t.meta, row)
+    if t.ema is not None and row["ema_val_acc"] > state.best_ema_acc:
+        state.best_ema_acc = row["ema_val_acc"]
+        t.run.save_best("best_ema.pt", t.ema.module, t.meta, {**row, "val_acc": row["ema_val_acc"]})
+    extra = f"  ema {row['ema_val_acc']:.4f}" if t.ema is not None else ""
+    f1 = f"  f1 {row['val_f1']:.4f}" if "val_f1" in row else ""
+    print(
+        f"epoch {epoch + 1:3d}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
+        f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}{f1}{extra}  "
+        f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s",
+        flush=True,
+    )
+    return row
+
+
+def _report_interrupt(t: Training, interrupted: dict) -> None:
+    """Ctrl-C: save a consistent last.pt (not after a second Ctrl-C, which may land mid-step)."""
+    if t.run.staged:
+        msg = (
+            f"interrupted: the previous run in {t.run.final} is unchanged (--overwrite replaces "
+            "it only at the end); rerun the command to start again"
+        )
+    else:
+        if t.state.batch > 0 and not interrupted.get("abort"):
+            t.run.save_last(t)
+        last = t.run.path / "last.pt"
+        msg = (
+            f"interrupted: {last} holds the state to continue from; rerun the same command "
+            "plus --resume"
+            if last.exists()
+            else "interrupted before the first checkpoint; nothing to resume, rerun the command"
+        )
+    print(f"\n{msg}", file=sys.stderr)
+
+
+def _what_is_kept(t: Training) -> str:
+    """The end of the divergence message: what is on disk now, and what to try."""
+    fix = (
+        "causes: a too high --lr, fp16 overflow, or NaN/inf in the data or labels; try a lower "
+        "--lr, --clip-grad 1.0 or --amp bf16/none"
+    )
+    if t.run.staged:
+        return f"the previous run in {t.run.final} is unchanged; {fix}"
+    if t.is_main and (t.run.path / "last.pt").exists():
+        return f"{t.run.path / 'last.pt'} keeps epoch {t.state.epoch}, the last good one; {fix}"
+    return f"no checkpoint was written (it diverged in its first epoch); {fix}"
+
+
+def _finish(t: Training) -> dict:
+    """after_fit hook, optional test evaluation, summary.json and the closing table."""
+    extra = t.hooks.after_fit(t) if t.hooks.after_fit and t.is_main else None
+    rows = t.run.rows() if t.is_main else []
+    summary = {
+        "run_dir": str(t.run.final),
+        "best_val_acc": t.state.best_acc,
+        "best_ema_val_acc": t.state.best_ema_acc if t.ema is not None else None,
+        "epochs": t.args.epochs,
+        "train_seconds": round(sum(r.get("seconds", 0) for r in rows), 1),
+        "images_per_s": rows[-1]["images_per_s"] if rows else None,
+    }
+    if not t.is_main:
+        return summary
+    if t.args.eval_test and t.args.task == "classify":
+        summary.update(_eval_test(t))
+    summary.update(extra or {})
+    write_json(t.run.path / "summary.json", summary)
+    table = [["best val acc", summary["best_val_acc"]]]
+    if t.ema is not None:
+        table.append(["best EMA val acc", summary["best_ema_val_acc"]])
+    for k in ("test_acc", "ema_test_acc"):
+        if k in summary:
+            table.append([k.replace("_", " "), summary[k]])
+    table += [
+        ["train time (s)", summary["train_seconds"]],
+        ["images/s (last epoch)", summary["images_per_s"]],
+        ["wrote", f"{t.run.final}/{{best,last}}.pt, metrics.jsonl"],
+    ]
+    print(format_table(table, ["result", "value"]))
+    return summary
+
+
+def _eval_test(t: Training) -> dict:
+    """Accuracy of best.pt (and best_ema.pt) on the data set's own test part."""
+    out = {}
+    try:
+        test_set, _ = data.load_split(t.args.data, "test", **split_kwargs(t.args))
+    except UserError as e:
+        print(f"warning: no test part evaluated ({e})", file=sys.stderr)
+        return out
+    if not test_set.has_labels:
+        return out
+    for key, name in (("test_acc", "best.pt"), ("ema_test_acc", "best_ema.pt")):
+        if (t.run.path / name).exists():
+            m, ck = models.load_model(t.run.path / name, t.rt.device)
+            r = evaluate_checkpoint(m, ck, test_set.images, test_set.labels, **t.rt.predict_kw())
+            out[key] = r["acc"]
+    write_json(t.run.path / "test_metrics.json", out)
+    return out
 
 
 def _init_distributed(args) -> tuple[int, int]:
@@ -1011,8 +1338,8 @@ def _init_distributed(args) -> tuple[int, int]:
 
 def eval_only(args) -> dict:
     """Evaluate a checkpoint on the split recorded in it (or --split)."""
-    device = models.resolve_device(args.device)
-    model, ck = models.load_model(args.eval_only, device)
+    rt = models.setup_runtime(args)
+    model, ck = models.load_model(args.eval_only, rt.device)
     split = ck.get("split", {})
     ds, record = data.load_split(
         args.data,
@@ -1028,53 +1355,45 @@ def eval_only(args) -> dict:
             f"warning: validation ids differ from those recorded in {args.eval_only}",
             file=sys.stderr,
         )
-    with Timer() as t:
-        m = evaluate_checkpoint(
-            model,
-            ck,
-            ds.images,
-            ds.labels,
-            batch_size=args.eval_batch_size,
-            device=device,
-            amp=args.amp,
-            channels_last=args.channels_last,
-            quiet=args.quiet,
-        )
+    with Timer() as timer:
+        m = evaluate_checkpoint(model, ck, ds.images, ds.labels, **rt.predict_kw())
     rows = [[k, v] for k, v in m.items()] + [
         ["images", len(ds)],
-        ["images/s", round(len(ds) / max(t.seconds, 1e-9))],
+        ["images/s", round(len(ds) / max(timer.seconds, 1e-9))],
     ]
     print(format_table(rows, [f"{Path(args.eval_only).name} on {args.split}", "value"]))
     return m
 
 
-@torch.no_grad()
 def block_features(
-    model: nn.Module, images: torch.Tensor, mean, std, device, batch_size=512, pool: int = 2
+    model: nn.Module, images: torch.Tensor, mean, std, rt: models.Runtime, pool: int = 2
 ) -> list[torch.Tensor]:
-    """Features after each block (avg-pooled to pool x pool, flattened), one pass for all blocks."""
+    """Features after each block (avg-pooled to pool x pool, flattened), one pass for all
+    blocks, through train.predict's batch loop (normalise, channels_last, autocast)."""
     blocks = models.feature_blocks(model)
-    outs: list[list[torch.Tensor]] = [[] for _ in blocks]
     current: dict[int, torch.Tensor] = {}
     hooks = [
         m.register_forward_hook(lambda _m, _i, o, i=i: current.__setitem__(i, o))
         for i, (_, m) in enumerate(blocks)
     ]
-    model.eval()
+    dims: list[int] = []
+
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        m(x)
+        feats = []
+        for i in range(len(blocks)):
+            o = current[i].float()
+            o = F.adaptive_avg_pool2d(o, pool) if o.ndim == 4 else o.mean(1) if o.ndim == 3 else o
+            feats.append(o.flatten(1))
+        dims[:] = [f.shape[1] for f in feats]
+        return torch.cat(feats, 1)
+
     try:
-        for idx in data.batch_indices(len(images), batch_size, False):
-            model(data.normalize(images[idx].to(device), mean, std))
-            for i in range(len(blocks)):
-                o = current[i]
-                if o.ndim == 4:
-                    o = F.adaptive_avg_pool2d(o.float(), pool)
-                elif o.ndim == 3:  # tokens: mean over the sequence
-                    o = o.float().mean(1)
-                outs[i].append(o.flatten(1).cpu())
+        out = predict(model, images, mean, std, forward=forward, **rt.predict_kw())
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(o) for o in outs]
+    return list(out.split(dims, 1)) if dims else [torch.zeros(0, 0) for _ in blocks]
 
 
 def train_probe(
@@ -1109,8 +1428,8 @@ def train_probe(
 
 def linear_eval(args) -> list[dict]:
     """RotNet protocol: freeze the backbone, train a probe on each block's features."""
-    device = models.resolve_device(args.device)
-    model, ck = models.load_model(args.linear_eval, device)
+    rt = models.setup_runtime(args)
+    model, ck = models.load_model(args.linear_eval, rt.device)
     split = ck.get("split", {})
     args.val_ratio = split.get("val_ratio", args.val_ratio)
     args.split_seed = split.get("seed", args.split_seed)
@@ -1120,63 +1439,46 @@ def linear_eval(args) -> list[dict]:
     if train_set.multi_label:
         raise UserError(f"{args.data}: linear eval needs single-label data")
     names = [n for n, _ in models.feature_blocks(model)]
-    with Timer() as t:
-        ftr = block_features(model, train_set.images, ck["mean"], ck["std"], device)
-        fva = block_features(model, val_set.images, ck["mean"], ck["std"], device)
-    k = len(train_set.classes)
+    with Timer() as timer:
+        ftr = block_features(model, train_set.images, ck["mean"], ck["std"], rt)
+        fva = block_features(model, val_set.images, ck["mean"], ck["std"], rt)
+    k, ytr, yva = len(train_set.classes), train_set.labels, val_set.labels
     results = []
     for name, a, b in zip(names, ftr, fva):
-        row = {
-            "block": name,
-            "dims": a.shape[1],
-            "linear_acc": train_probe(
-                a, train_set.labels, b, val_set.labels, k, args.linear_epochs, args.random_seed
-            ),
-        }
+        probe = functools.partial(
+            train_probe, a, ytr, b, yva, k, args.linear_epochs, args.random_seed
+        )
+        row = {"block": name, "dims": a.shape[1], "linear_acc": probe()}
         if args.nonlinear:
-            row["mlp_acc"] = train_probe(
-                a,
-                train_set.labels,
-                b,
-                val_set.labels,
-                k,
-                args.linear_epochs,
-                args.random_seed,
-                hidden=512,
-            )
+            row["mlp_acc"] = probe(hidden=512)
         results.append(row)
     header = ["block", "dims", "linear_acc"] + (["mlp_acc"] if args.nonlinear else [])
     print(
         f"linear eval of {args.linear_eval} ({ck.get('task')}): {len(train_set)} train / "
-        f"{len(val_set)} val images, features in {t.seconds:.1f}s"
+        f"{len(val_set)} val images, features in {timer.seconds:.1f}s"
     )
     print(format_table([[r[h] for h in header] for r in results], header))
     name = args.name or f"{Path(args.linear_eval).parent.name}_linear"
     out = Path(args.out) / name
-    write_json(
-        out / "linear_eval.json",
-        {
-            "checkpoint": args.linear_eval,
-            "blocks": results,
-            "labels_per_class": args.labels_per_class,
-        },
-    )
+    record = {
+        "checkpoint": args.linear_eval,
+        "blocks": results,
+        "labels_per_class": args.labels_per_class,
+    }
+    write_json(out / "linear_eval.json", record)
     print(f"wrote {out / 'linear_eval.json'}")
     return results
 
 
 def main(argv=None):
-    with cli_errors("train.py"):
+    with cli("train.py"):
         args = parse_args(build_parser(), argv)
+        check_flags(args)
         if args.eval_only:
             return eval_only(args)
         if args.linear_eval:
             return linear_eval(args)
-        try:
-            return fit(args)
-        except DivergedError as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+        return fit(args)
 
 
 if __name__ == "__main__":

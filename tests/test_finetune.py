@@ -124,7 +124,7 @@ def test_ingredients_share_split_differ_in_weights(start, tmp_path):
 
 
 def test_rotation_start_keeps_backbone_new_head(start, tmp_path, capsys):
-    ft(start, tmp_path, "--i", "3", "--lr", "0", "--epochs", "1", "--mix", "none")
+    ft(start, tmp_path, "--i", "3", "--freeze-backbone", "--epochs", "1", "--mix", "none")
     out = capsys.readouterr().out
     assert "new classifier head" in out
     rot, got = sd_of(start["rot"]), sd_of(tmp_path / "runs" / "ft" / "i3_s0" / "best.pt")
@@ -140,8 +140,8 @@ def test_plain_state_dict_and_safetensors_starts(start, tmp_path, capsys):
     torch.save(sd, tmp_path / "plain.pth")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
     for i, w in ((1, "plain.pth"), (2, "w.safetensors")):
-        ft(start, tmp_path, "--i", str(i), "--model", "smallnet_s", "--lr", "0", "--epochs", "1",
-           weights=tmp_path / w)  # fmt: skip
+        ft(start, tmp_path, "--i", str(i), "--model", "smallnet_s", "--freeze-backbone",
+           "--epochs", "1", weights=tmp_path / w)  # fmt: skip
         got = sd_of(tmp_path / "runs" / "ft" / f"i{i}_s0" / "best.pt")
         assert torch.equal(got["stem.0.weight"], sd["stem.0.weight"])
     # another architecture: one clear line naming the file and the keys, exit 2
@@ -168,19 +168,20 @@ def test_freeze_backbone_keeps_backbone_and_bn_stats(start, tmp_path):
 
 def test_lp_ft_unfreezes_after_k_epochs(start, tmp_path, monkeypatch):
     snaps = []
-    real = finetune.make_hooks
+    real = finetune.fit_hooks
 
     def spy(args, keep):
         hooks = real(args, keep)
-        inner = hooks["epoch_start"]
+        inner = hooks.epoch_start
 
-        def epoch_start(epoch, model, opt, args):
+        def epoch_start(epoch, model):
             snaps.append({k: v.clone() for k, v in backbone(model.state_dict()).items()})
-            inner(epoch, model, opt, args)
+            inner(epoch, model)
 
-        return {**hooks, "epoch_start": epoch_start}
+        hooks.epoch_start = epoch_start
+        return hooks
 
-    monkeypatch.setattr(finetune, "make_hooks", spy)
+    monkeypatch.setattr(finetune, "fit_hooks", spy)
     ft(start, tmp_path, "--i", "4", "--epochs", "2", "--lp-epochs", "1", "--lr", "0.05")
     final = backbone(sd_of(tmp_path / "runs" / "ft" / "i4_s0" / "last.pt"))
     rot = backbone(sd_of(start["rot"]))
@@ -228,7 +229,8 @@ def test_skip_existing_and_resume(start, tmp_path, capsys):
     ft(start, tmp_path, "--i", "6", "--epochs", "1", "--skip-existing")
     assert "skip:" in capsys.readouterr().out and (d / "metrics.jsonl").read_text() == log
     (d / "summary.json").unlink()  # interrupted sweep: finishes from last.pt
-    ft(start, tmp_path, "--i", "6", "--epochs", "1", "--lr", "0.05", "--skip-existing")
+    ft(start, tmp_path, "--i", "6", "--epochs", "1", "--lr", "0.05", "--oversample", "1=2",
+       "--skip-existing")  # fmt: skip
     assert (d / "summary.json").exists() and (d / "metrics.jsonl").read_text() == log
 
 

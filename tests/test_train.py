@@ -20,6 +20,16 @@ def run(tiny_idx, tmp_path, *extra, name="r"):
     return train.main([*args, *extra])
 
 
+def stop_at_epoch(n):
+    """A FitHooks.epoch_start that interrupts (as Ctrl-C would) when epoch index n starts."""
+
+    def hook(epoch, model):
+        if epoch == n:
+            raise KeyboardInterrupt
+
+    return hook
+
+
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -94,15 +104,11 @@ def test_resume_equals_uninterrupted(tiny_idx, tmp_path):
     common = ["--epochs", "2", "--ema", "0.9", "--mix", "cutmix", "--mix-prob", "0.5"]
     run(tiny_idx, tmp_path, *common, name="full")
 
-    def stop_at_epoch_1(epoch, *_):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     args = train.build_parser().parse_args(
         ["--data", str(tiny_idx), "--out", str(tmp_path / "runs"), "--name", "cut", *BASE, *common]
     )
     with pytest.raises(SystemExit):
-        train.fit(args, hooks={"epoch_start": stop_at_epoch_1})
+        train.fit(args, train.FitHooks(epoch_start=stop_at_epoch(1)))
     run(tiny_idx, tmp_path, *common, "--resume", name="cut")
     a = _final_state(tmp_path / "runs" / "full" / "last.pt")
     b = _final_state(tmp_path / "runs" / "cut" / "last.pt")
@@ -210,14 +216,7 @@ def test_resume_with_other_model_refused(tiny_idx, tmp_path, capsys):
         ["--data", str(tiny_idx), "--out", str(tmp_path / "runs"), "--name", "r", *BASE, *common]
     )
     with pytest.raises(SystemExit):
-        train.fit(
-            args,
-            hooks={
-                "epoch_start": lambda e, *_: (
-                    (_ for _ in ()).throw(KeyboardInterrupt) if e == 1 else None
-                )
-            },
-        )
+        train.fit(args, train.FitHooks(epoch_start=stop_at_epoch(1)))
     with pytest.raises(SystemExit) as e:
         run(tiny_idx, tmp_path, *common, "--resume", "--model", "smallnet")
     assert e.value.code == 2
