@@ -637,6 +637,25 @@ def size2(img_size) -> tuple[int, int]:
     return vals[0], vals[1]
 
 
+def image_size(lo: int = 1, hi: int = 8192) -> Callable[[str], int | tuple[int, int]]:
+    """argparse type: N or HxW (sides in [lo, hi]); N stays an int, HxW becomes (H, W)."""
+    what = f"N or HxW with sides in [{lo}, {hi}]"
+
+    def check(text: str) -> int | tuple[int, int]:
+        try:
+            h, w = size2(text)
+        except UserError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not an image size; give {what}"
+            ) from None
+        if not (lo <= h <= hi and lo <= w <= hi):
+            raise argparse.ArgumentTypeError(f"'{text}' is out of range; give {what}")
+        return h if "x" not in str(text).lower().replace(",", "x") else (h, w)
+
+    check.__name__ = what
+    return check
+
+
 def refuse_together(args: argparse.Namespace, *groups: Sequence[str]) -> None:
     """UserError when two flags of one group are both set (truthy)."""
     for group in groups:

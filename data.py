@@ -949,32 +949,69 @@ def _read_csv(path: Path, nrows: int | None = None, **kw):
     return df
 
 
+def _image_folders(csv: Path, part: str) -> list[Path]:
+    """Folders a CSV's image names may be relative to, most specific last-resort last."""
+    d = csv.parent
+    bases = [d, d / "images", d / part, d / part / "images", d / f"{part}_images", d / csv.stem]
+    # The competition layout: dirty_mnist_2nd_answer.csv beside dirty_mnist_2nd/, and
+    # sample_submission.csv beside test_dirty_mnist_2nd/.
+    subdirs = [e for e in _listdir(d) if e.is_dir()]
+    bases += [e for e in subdirs if csv.stem.startswith(e.name) and len(e.name) >= 3]
+    if part == "test":
+        bases += [e for e in subdirs if "test" in e.name.lower()]
+    return list(dict.fromkeys(bases))
+
+
+def _name_forms(v: str) -> list[str]:
+    """A CSV cell as a file name: as written, and a bare index zero-padded to 5 or 6 digits
+    (the competition's 00000.png, synth.py's 000000.png)."""
+    return [v, f"{int(v):05d}", f"{int(v):06d}"] if v.isdigit() else [v]
+
+
 def _resolve_paths(
     values: Sequence[str], csv: Path, part: str, first_only: bool = False
 ) -> list[Path]:
     """Image paths of CSV cells: relative to the CSV's folder, or images/, <part>/, ...; the
-    extension may be missing. The first row picks the rule, every row must follow it."""
-    d = csv.parent
-    bases = [d, d / "images", d / part, d / part / "images", d / f"{part}_images", d / csv.stem]
+    extension may be missing, a bare index may be zero-padded. The first row picks the folder
+    and extension, every row must follow them."""
     v0 = str(values[0]).strip()
     exts = [""] if Path(v0).suffix.lower() in IMAGE_EXTS else ["", *IMAGE_EXTS]
-    rule = None
-    for b in bases:
-        for e in exts:
-            if (b / (v0 + e)).is_file():
-                rule = (b, e)
-                break
-        if rule:
-            break
+    rule = next(
+        (
+            (b, e, form)
+            for b in _image_folders(csv, part)
+            for form in range(len(_name_forms(v0)))
+            for e in exts
+            if (b / (_name_forms(v0)[form] + e)).is_file()
+        ),
+        None,
+    )
     if rule is None:
         raise UserError(
             f"{csv}: image '{v0}' (row 2) not found next to the CSV or in its images/ folder; "
             "paths must be relative to the CSV's folder"
         )
+    b, e, form = rule
     if first_only:
-        return [rule[0] / (v0 + rule[1])]
-    b, e = rule
-    return [b / (str(v).strip() + e) for v in values]
+        return [b / (_name_forms(v0)[form] + e)]
+    out = []
+    for v in values:
+        forms = _name_forms(str(v).strip())
+        p = b / (forms[min(form, len(forms) - 1)] + e)
+        if len(forms) > 1 and not p.is_file():  # 00042.png beside 100000.png: both paddings
+            p = next((b / (f + e) for f in forms if (b / (f + e)).is_file()), p)
+        out.append(p)
+    return out
+
+
+def _outside(paths: Sequence[Path], root: Path) -> int | None:
+    """Position of the first path that leaves `root` (lexically: ../, absolute), or None."""
+    r = os.path.normpath(os.path.abspath(root))
+    r = r if r.endswith(os.sep) else r + os.sep
+    for i, p in enumerate(paths):
+        if not (os.path.normpath(os.path.abspath(p)) + os.sep).startswith(r):
+            return i
+    return None
 
 
 @dataclass
@@ -1097,6 +1134,7 @@ def _read_tables(csvs: list[Path], spec: TableSpec, part: str):
 
 
 def _table_source(
+    data_root: Path,
     train_csvs: list[Path],
     part_csvs: list[Path],
     part: str,
@@ -1104,7 +1142,8 @@ def _table_source(
     spec: TableSpec | None = None,
     multi_label: bool | None = None,
 ) -> Source:
-    """A Source for a labelled CSV part; the train CSV(s) fix the class list."""
+    """A Source for a labelled CSV part; the train CSV(s) fix the class list. Every image path
+    must stay inside `data_root` (a CSV cannot make us read elsewhere)."""
     if spec is None:
         spec = _table_spec(_read_csv(train_csvs[0]), train_csvs[0], opts.label_column, True)
     where = str(part_csvs[0]) + (f" (+{len(part_csvs) - 1} more)" if len(part_csvs) > 1 else "")
@@ -1117,6 +1156,12 @@ def _table_source(
     _, classes, ml, _ = _table_labels(df_train, spec, str(train_csvs[0]), spec.classes)
     if multi_label is not None and ml != multi_label:
         raise UserError(f"{train_csvs[0]}: labels do not match multi_label={multi_label}")
+    out = _outside(paths, data_root)
+    if out is not None:
+        raise UserError(
+            f"{where}: row {out + 2}: image path {paths[out]} is outside the data folder "
+            f"{data_root}; image paths must be relative and stay inside it"
+        )
     missing = [(i, p) for i, p in enumerate(paths) if not p.is_file()]
     if missing and not opts.skip_bad_images:
         i, p = missing[0]
@@ -1172,7 +1217,8 @@ def _scan_csv(root: Path, part: str, opts: Opts) -> Source:
     part_csv = train_csv if part == "train" else test_csv
     if part_csv is None:
         raise MissingPartError(f"{root}: no test CSV (test.csv)")
-    return _table_source([train_csv], [part_csv], part, opts)
+    data_root = root.parent if root.is_file() else root
+    return _table_source(data_root, [train_csv], [part_csv], part, opts)
 
 
 # ---------------------------------------------------------------------------
@@ -1259,7 +1305,14 @@ def _scan_synth(root: Path, part: str, opts: Opts) -> Source:
 
     def csv_list(key):
         v = meta.get(key) or []
-        return [d / c for c in ([v] if isinstance(v, str) else v)]
+        paths = [d / str(c) for c in ([v] if isinstance(v, str) else v)]
+        out = _outside(paths, d)
+        if out is not None:
+            raise UserError(
+                f"{meta_path}: '{key}' lists {paths[out]}, outside {d}; a synth directory's "
+                "CSVs must lie inside it (re-run synth.py)"
+            )
+        return paths
 
     train_csvs, test_csvs = csv_list("csv"), csv_list("test_csv")
     if not train_csvs:
@@ -1284,7 +1337,7 @@ def _scan_synth(root: Path, part: str, opts: Opts) -> Source:
             raise UserError(f"{meta_path}: multi_label data needs 'classes'; re-run synth.py")
     else:
         spec.label_col = opts.label_column or meta.get("label_column") or "label"
-    src = _table_source(train_csvs, part_csvs, part, opts, spec, multi_label=ml)
+    src = _table_source(d, train_csvs, part_csvs, part, opts, spec, multi_label=ml)
     src.files.insert(0, meta_path)
     return src
 
@@ -1408,6 +1461,12 @@ def _mask_eval(root: Path, opts: Opts) -> Source:
         dup = next(n for n in names if names.count(n) > 1)
         raise UserError(f"{info}: ImageID {dup} appears twice; each test image once")
     img_dir = root / "eval" / "images"
+    out = _outside([img_dir / n for n in names], img_dir)
+    if out is not None:
+        raise UserError(
+            f"{info}: row {out + 2}: ImageID {names[out]!r} leaves eval/images; "
+            "ImageIDs are file names inside eval/images"
+        )
     files = []
     for n in names:
         f = img_dir / n

@@ -49,6 +49,7 @@ import gzip
 import json
 import math
 import multiprocessing
+import os
 import struct
 import time
 import zlib
@@ -64,8 +65,14 @@ from common import (
     add_common_flags,
     atomic_write_text,
     cli_errors,
+    image_size,
+    int_range,
+    nonneg_int,
     parse_args,
     progress,
+    seed_int,
+    size2,
+    threads_int,
     write_json,
 )
 
@@ -77,8 +84,8 @@ BANK_STREAM = 2  # RNG stream of the built-in glyph bank used by dirty mode
 BANK_PER_LETTER = 64
 WORK = 64  # resolution at which letters are distorted before resizing
 DEFAULTS = {
-    "letters": {"img_size": "28", "num_images": 20000},
-    "dirty": {"img_size": "256", "num_images": 5000},
+    "letters": {"img_size": 28, "num_images": 20000},
+    "dirty": {"img_size": 256, "num_images": 5000},
 }
 
 
@@ -92,9 +99,8 @@ def load_pixels_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(
-            f"{path}: --mnist-data file not found; pass the letters CSV (id,letter,0..783)"
-        )
+        what = "is a directory" if p.is_dir() else "file not found"
+        raise UserError(f"{path}: --mnist-data {what}; pass the letters CSV (id,letter,0..783)")
     try:
         df = pd.read_csv(p)
     except (ValueError, OSError, UnicodeDecodeError) as e:
@@ -128,9 +134,8 @@ def load_pixels_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
 def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise UserError(
-            f"{path}: IDX file not found; pass an existing --idx-images/--idx-labels file"
-        )
+        what = "is a directory, not an IDX file" if p.is_dir() else "IDX file not found"
+        raise UserError(f"{path}: {what}; pass an existing --idx-images/--idx-labels file")
     try:
         raw = gzip.open(p).read() if p.suffix == ".gz" else p.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
@@ -434,7 +439,42 @@ def _read_manifest(out_dir: Path) -> dict | None:
             raise ValueError("not a synth manifest")
     except (OSError, ValueError) as e:
         raise UserError(f"{p}: unreadable ({e}); delete it or choose a new --output-dir") from None
+    bad = _unsafe_entry(out_dir, m)
+    if bad:
+        raise UserError(
+            f"{p}: {bad}; synth.py only touches files inside --output-dir: delete this "
+            "synth.json or choose a new --output-dir"
+        )
     return m
+
+
+def _inside(out_dir: Path, rel) -> bool:
+    """Whether a path a manifest names stays inside out_dir (relative, no '..' out of it)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        return False
+    root = os.path.normpath(os.path.abspath(out_dir))
+    p = os.path.normpath(os.path.join(root, rel))
+    return p.startswith(root + os.sep)
+
+
+def _unsafe_entry(out_dir: Path, m: dict) -> str | None:
+    """What in a manifest points outside out_dir (or is malformed), else None."""
+    parts = m.get("parts", [])
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        return "'parts' is not a list of records"
+    for i, p in enumerate(parts):
+        if not _inside(out_dir, p.get("csv")):
+            return f"part {i} names CSV {p.get('csv')!r}, outside the directory"
+        if p.get("split") not in SPLITS:
+            return f"part {i} has split {p.get('split')!r}, not train or test"
+        if not all(type(p.get(k)) is int and p[k] >= 0 for k in ("index_offset", "num_images")):
+            return f"part {i} lacks a whole index_offset/num_images"
+    for key in ("csv", "test_csv"):
+        v = m.get(key) or []
+        for c in [v] if isinstance(v, str) else v:
+            if not _inside(out_dir, c):
+                return f"'{key}' names {c!r}, outside the directory"
+    return None
 
 
 def _overlaps(a: dict, b: dict) -> bool:
@@ -496,20 +536,24 @@ def prepare_output(out_dir: Path, header: dict, new: list[dict], overwrite: bool
             f"{out_dir}: not empty and not made by synth.py (no {MANIFEST}); "
             "choose an empty --output-dir or pass --overwrite"
         )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if any(p["split"] == "test" for p in new):
-            (out_dir / "test").mkdir(exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"{out_dir}: cannot create ({e.strerror}); choose a writable --output-dir"
-        ) from None
+    _mkdir(out_dir)
+    if any(p["split"] == "test" for p in new):
+        _mkdir(out_dir / "test")
     with _locked(out_dir):
         manifest = _read_manifest(out_dir)
         keep = merge_parts(manifest, header, new, overwrite, out_dir)
         if manifest is None or len(keep) != len(manifest.get("parts", [])):
             _drop_csvs(out_dir, manifest, keep)
             save_manifest(out_dir, header, keep)
+
+
+def _mkdir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"{d}: cannot create ({e.strerror}); choose a writable --output-dir"
+        ) from None
 
 
 def register_parts(out_dir: Path, header: dict, new: list[dict], overwrite: bool) -> dict:
@@ -524,7 +568,7 @@ def register_parts(out_dir: Path, header: dict, new: list[dict], overwrite: bool
 def _drop_csvs(out_dir: Path, manifest: dict | None, keep: list[dict]) -> None:
     kept = {p["csv"] for p in keep}
     for p in (manifest or {}).get("parts", []):
-        if p["csv"] not in kept:
+        if p["csv"] not in kept and _inside(out_dir, p["csv"]):  # checked on reading, too
             with contextlib.suppress(OSError):
                 (out_dir / p["csv"]).unlink()
 
@@ -552,36 +596,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-csv",
         default=None,
-        help="CSV name for this run's train rows, inside --output-dir"
-        "; None = labels.csv, or labels_<offset>.csv for a shard",
+        help="CSV of this run's train rows: a name inside --output-dir (None = labels.csv, or "
+        "labels_<offset>.csv for a shard), or, with --mode dirty, an answer CSV beside "
+        "--output-dir whose name starts with the folder's (the competition layout: "
+        "--output-dir dirty_mnist_2nd --output-csv dirty_mnist_2nd_answer.csv adds the rows to "
+        "that CSV, the images to the folder, and writes no synth.json)",
     )
     p.add_argument(
         "--num-images",
-        type=int,
+        type=nonneg_int,
         default=None,
         help="train images; None = 20000 letters, 5000 dirty",
     )
     p.add_argument(
-        "--index-offset", type=int, default=0, help="index of the first train image (for shards)"
+        "--index-offset",
+        type=nonneg_int,
+        default=0,
+        help="index of the first train image (for shards)",
     )
     p.add_argument(
         "--num-test",
-        type=int,
+        type=nonneg_int,
         default=0,
         help="also write a test part of this many images to test/ (indices 0..N-1; give it in one shard)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="random seed; image i depends only on (seed, part, i)"
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="random seed; image i depends only on (seed, part, i)",
     )
     p.add_argument(
-        "--workers", type=int, default=1, help="processes; output bytes do not depend on it"
-    )
-    p.add_argument("--img-size", default=None, help="N or HxW; None = 28 letters, 256 dirty")
-    p.add_argument(
-        "--letters-min", type=int, default=10, help="dirty: fewest distinct letters per image"
+        "--workers", type=threads_int, default=1, help="processes; output bytes do not depend on it"
     )
     p.add_argument(
-        "--letters-max", type=int, default=14, help="dirty: most distinct letters per image"
+        "--img-size",
+        type=image_size(8, 8192),
+        default=None,
+        help="N or HxW; None = 28 letters, 256 dirty",
+    )
+    p.add_argument(
+        "--letters-min",
+        type=int_range(1, 26),
+        default=10,
+        help="dirty: fewest distinct letters per image",
+    )
+    p.add_argument(
+        "--letters-max",
+        type=int_range(1, 26),
+        default=14,
+        help="dirty: most distinct letters per image",
     )
     p.add_argument(
         "--mnist-data",
@@ -597,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--png-level",
-        type=int,
+        type=int_range(0, 9),
         default=None,
         help="zlib level 0..9; None = 0 for dirty (noise does not compress), 6 for letters",
     )
@@ -610,39 +674,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'N' or 'HxW' -> (H, W)."""
-    try:
-        parts = [int(v) for v in str(text).lower().replace(",", "x").split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 8 or max(parts) > 8192:
-        raise UserError(f"--img-size {text!r}: give N or HxW with sides 8..8192")
-    return parts[0], parts[1]
-
-
 def check_args(a: argparse.Namespace) -> tuple[int, int]:
-    """Validate numbers and flag combinations; return the image size."""
-    for flag, value, low in [
-        ("--num-images", a.num_images, 0), ("--index-offset", a.index_offset, 0),
-        ("--num-test", a.num_test, 0), ("--seed", a.seed, 0), ("--workers", a.workers, 1),
-        ("--letters-min", a.letters_min, 1),
-    ]:  # fmt: skip
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
-    if not a.letters_min <= a.letters_max <= 26:
-        raise UserError(f"--letters-max {a.letters_max}: must be in --letters-min..26")
+    """Flag combinations the flag types cannot see; return the image size (H, W)."""
+    if a.letters_min > a.letters_max:
+        raise UserError(
+            f"--letters-max {a.letters_max}: must be at least --letters-min {a.letters_min}"
+        )
     if a.num_images + a.num_test == 0:
         raise UserError("--num-images and --num-test are both 0; nothing to write")
-    if a.png_level is not None and not 0 <= a.png_level <= 9:
-        raise UserError(f"--png-level {a.png_level}: must be 0..9")
     if a.mnist_data and (a.idx_images or a.idx_labels):
         raise UserError("--mnist-data and --idx-images are exclusive; pass one glyph source")
     if bool(a.idx_images) != bool(a.idx_labels):
         raise UserError("--idx-images and --idx-labels go together; pass both")
-    return parse_size(a.img_size)
+    return size2(a.img_size)
 
 
 def load_glyphs(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
@@ -664,19 +708,99 @@ def _builtin_bank(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return dirty_bank(*builtin_glyphs(lowercase=False), seed)
 
 
-def resolve_csv(out_dir: Path, given: str | None, offset: int) -> str:
-    """CSV name relative to out_dir; it must sit in out_dir itself, beside the images."""
+def resolve_csv(out_dir: Path, given: str | None, offset: int) -> str | Path:
+    """Where this run's train rows go: a CSV name inside out_dir (a synth directory), or the
+    path of an answer CSV beside out_dir (the competition layout, see merge_answer_csv)."""
     if given is None:
         return "labels.csv" if offset == 0 else f"labels_{offset:06d}.csv"
-    p = Path(given)
-    if p.parent != Path(".") and p.resolve().parent != out_dir.resolve():
-        raise UserError(
-            f"--output-csv {given}: must be a file name in --output-dir {out_dir} "
-            "(images sit beside their CSV); copy it elsewhere afterwards"
-        )
+    p = Path(given).expanduser()
     if p.suffix.lower() != ".csv" or p.name == MANIFEST:
         raise UserError(f"--output-csv {given}: must end in .csv")
-    return p.name
+    here = Path(os.path.normpath(p.absolute()))
+    od = Path(os.path.normpath(out_dir.expanduser().absolute()))
+    if here.parent == od:
+        return p.name
+    if here.parent == od.parent and p.stem.startswith(od.name):
+        return here  # dirty_mnist_2nd_answer.csv beside dirty_mnist_2nd/
+    if p.parent == Path("."):  # a bare name: a CSV inside --output-dir
+        return p.name
+    raise UserError(
+        f"--output-csv {given}: must be a name inside --output-dir {out_dir}, or a CSV beside "
+        f"it whose name starts with '{od.name}' (e.g. {od.parent / (od.name + '_answer.csv')}), "
+        "so the images can be found from it"
+    )
+
+
+def _answer_rows(csv_path: Path, header: str) -> dict[int, str]:
+    """index -> row of an existing answer CSV (which must have `header`), {} if absent."""
+    if not csv_path.exists():
+        return {}
+    if not csv_path.is_file():
+        raise UserError(f"--output-csv {csv_path}: is a directory; pass a CSV file path")
+    try:
+        lines = csv_path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--output-csv {csv_path}: cannot read ({e}); fix or move it") from None
+    if not lines or lines[0].strip().replace(" ", "") != header:
+        raise UserError(
+            f"--output-csv {csv_path}: header is not {header[:24]}...; merge only into an "
+            "answer CSV of the same letters"
+        )
+    rows = {}
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cell = line.split(",", 1)[0].strip()
+        if not cell.isdigit() or int(cell) in rows:
+            raise UserError(f"--output-csv {csv_path}: line {n}: index {cell!r} bad or repeated")
+        rows[int(cell)] = line.strip()
+    return rows
+
+
+def check_answer_layout(a: argparse.Namespace, out_dir: Path, csv_path: Path) -> None:
+    """Refuse, before anything is written, what the answer-CSV layout cannot take."""
+    if a.mode != "dirty":
+        raise UserError(
+            f"--output-csv {a.output_csv}: a CSV beside --output-dir is the dirty-MNIST answer "
+            "layout; use --mode dirty, or a CSV name inside --output-dir"
+        )
+    if a.num_test:
+        raise UserError(
+            "--num-test: the answer-CSV layout has no test part; write it to its own "
+            "--output-dir (a synth directory)"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory; choose another --output-dir")
+    if (out_dir / MANIFEST).exists():
+        raise UserError(
+            f"{out_dir}: is a synth directory ({MANIFEST}); give --output-csv a name inside it"
+        )
+    header = "index," + ",".join(c.lower() for c in LETTERS)
+    rows = _answer_rows(csv_path, header)
+    new = range(a.index_offset, a.index_offset + a.num_images)
+    clash = [i for i in new if i in rows]
+    if clash and not a.overwrite:
+        raise UserError(
+            f"--output-csv {csv_path}: already lists index {clash[0]} ({len(clash)} of "
+            f"{a.index_offset}..{new[-1]}); pick another --index-offset or pass --overwrite"
+        )
+    taken = next((i for i in new if (out_dir / PATH_PATTERN.format(index=i)).exists()), None)
+    if taken is not None and not a.overwrite:
+        raise UserError(
+            f"{out_dir / PATH_PATTERN.format(index=taken)}: exists; pick another --index-offset "
+            "or pass --overwrite to replace those images"
+        )
+
+
+def merge_answer_csv(out_dir: Path, csv_path: Path, new_rows: list[str]) -> int:
+    """Add this run's rows to the answer CSV beside the images (rows of the same index are
+    replaced: checked by check_answer_layout); returns the number of rows it holds."""
+    header = "index," + ",".join(c.lower() for c in LETTERS)
+    with _locked(out_dir):  # shards merging at once: re-read under the lock
+        rows = _answer_rows(csv_path, header)
+        rows.update({int(r.split(",", 1)[0]): r for r in new_rows})
+        atomic_write_text(csv_path, "\n".join([header, *(rows[i] for i in sorted(rows))]) + "\n")
+    return len(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -688,6 +812,9 @@ def main(argv: list[str] | None = None) -> None:
         size = check_args(a)
         out_dir = Path(a.output_dir or f"data/synth-{a.mode}")
         csv_name = resolve_csv(out_dir, a.output_csv, a.index_offset)
+        answer_csv = csv_name if isinstance(csv_name, Path) else None
+        if answer_csv is not None:
+            check_answer_layout(a, out_dir, answer_csv)
         glyphs, labels, source = load_glyphs(a)
         job = Job(
             mode=a.mode, seed=a.seed, size=size, glyphs=glyphs, labels=labels,
@@ -707,7 +834,10 @@ def main(argv: list[str] | None = None) -> None:
             parts.append({"split": "test", "csv": "test/labels.csv", "index_offset": 0,
                           "num_images": a.num_test, **common})  # fmt: skip
         header = manifest_header(a.mode, size)
-        prepare_output(out_dir, header, parts, a.overwrite)
+        if answer_csv is None:
+            prepare_output(out_dir, header, parts, a.overwrite)
+        else:
+            _mkdir(out_dir)
 
         tasks = [
             t
@@ -721,11 +851,14 @@ def main(argv: list[str] | None = None) -> None:
                 if a.mode == "letters"
                 else "index," + ",".join(header["classes"])
             )
-            for p in parts:
+            if answer_csv is not None:
+                total = merge_answer_csv(out_dir, answer_csv, rows["train"])
+            for p in parts if answer_csv is None else []:
                 atomic_write_text(
                     out_dir / p["csv"], "\n".join([csv_header, *rows[p["split"]]]) + "\n"
                 )
-        register_parts(out_dir, header, parts, a.overwrite)
+        if answer_csv is None:
+            register_parts(out_dir, header, parts, a.overwrite)
 
         n = a.num_images + a.num_test
         h, w = size
@@ -733,7 +866,9 @@ def main(argv: list[str] | None = None) -> None:
             f"synth.py: wrote {n} {a.mode} images ({h}x{w}, glyphs {source}) to {out_dir} "
             f"in {t.seconds:.1f} s ({n / max(t.seconds, 1e-9):.0f} images/s, {a.workers} worker(s))"
         )
-        for p in parts:
+        if answer_csv is not None:
+            print(f"  train: {a.num_images} images, rows merged into {answer_csv} ({total} rows)")
+        for p in parts if answer_csv is None else []:
             print(f"  {p['split']}: {p['num_images']} images, rows in {out_dir / p['csv']}")
 
 

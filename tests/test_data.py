@@ -712,3 +712,61 @@ def test_classes_txt_added_later_is_not_hidden_by_the_cache(tmp_path):
     again = data.load_images(root)
     assert again.info["cached"] is False and again.classes[:2] == ["c0", "c1"]
     assert data.load_images(root).info["cached"] is True  # and cached under the new key
+
+
+# ---------------------------------------------------------------------------
+# Paths read from files stay inside the data folder
+
+
+def test_csv_paths_outside_the_data_folder_refused(tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.fromarray(images(1)[0]).save(outside)
+    root = make_csv_set(tmp_path / "c", n=4)
+    rows = (root / "train.csv").read_text().splitlines()
+    for cell in ("../../secret.png", str(outside), "sub/../../../secret.png"):
+        (root / "train.csv").write_text("\n".join([*rows, f"{cell},a"]) + "\n")
+        with pytest.raises(UserError, match="row 6: image path .* is outside the data folder"):
+            data.load_images(root)
+    # A synth.json naming a CSV or a path pattern outside its directory is refused too.
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "labels.csv").write_text("index,label\n0,a\n1,b\n")
+    meta = {"format": "synth", "classes": ["a", "b"], "id_column": "index"}
+    for extra, text in (
+        ({"csv": ["../c/train.csv"], "image_column": "file"}, "outside"),
+        ({"csv": ["labels.csv"], "path_pattern": "../{index}.png"}, "outside the data folder"),
+    ):
+        (d / "synth.json").write_text(json.dumps({**meta, **extra}))
+        with pytest.raises(UserError, match=text):
+            data.load_images(d)
+
+
+def test_mask_image_ids_stay_in_eval_images(tmp_path):
+    root = tmp_path / "m"
+    (root / "eval" / "images").mkdir(parents=True)
+    (root / "eval" / "info.csv").write_text("ImageID,ans\n../../x.jpg,0\n")
+    with pytest.raises(UserError, match="leaves eval/images"):
+        data.load_images(root, fmt="mask", part="test")
+
+
+def test_competition_answer_csv_beside_its_image_folder(tmp_path):
+    """dirty_mnist_2nd_answer.csv (index,a..z) beside dirty_mnist_2nd/00000.png, and the test
+    part sample_submission.csv beside test_dirty_mnist_2nd/: read without a manifest."""
+    letters = [chr(97 + k) for k in range(26)]
+    for folder, csv, n in (
+        ("dirty_mnist_2nd", "dirty_mnist_2nd_answer.csv", 4),
+        ("test_dirty_mnist_2nd", "sample_submission.csv", 2),
+    ):
+        (tmp_path / folder).mkdir()
+        rows = ["index," + ",".join(letters)]
+        for i in range(n):
+            Image.fromarray(images(1, seed=i)[0]).save(tmp_path / folder / f"{50000 + i:05d}.png")
+            on = (i, 7) if "answer" in csv else ()
+            rows.append(f"{50000 + i}," + ",".join("1" if k in on else "0" for k in range(26)))
+        (tmp_path / csv).write_text("\n".join(rows) + "\n")
+    tr = data.load_images(tmp_path)
+    assert tr.fmt == "csv" and tr.multi_label and tr.classes == letters and len(tr) == 4
+    assert tr.labels[2].nonzero().flatten().tolist() == [2, 7] and tr.ids[0] == "50000"
+    te = data.load_images(tmp_path, part="test")
+    assert len(te) == 2 and not te.has_labels and te.ids == ["50000", "50001"]
+    assert torch.equal(te.images[1, 0], torch.from_numpy(images(1, seed=1)[0]))

@@ -171,6 +171,16 @@ def test_collision_refused_then_overwrite(tmp_path, capsys):
         (["--letters-min", "5", "--letters-max", "3"], "--letters-max"),
         (["--img-size", "abc"], "--img-size"),
         (["--mode", "dirty", "--img-size", "40"], "at least"),
+        (["--workers", "0"], "--workers"),
+        (["--seed", "-1"], "--seed"),
+        (["--num-test", "1.5"], "--num-test"),
+        (["--png-level", "10"], "--png-level"),
+        (["--letters-max", "27"], "--letters-max"),
+        (["--index-offset", "-3"], "--index-offset"),
+        (["--img-size", "0"], "--img-size"),
+        (["--img-size", "9000"], "--img-size"),
+        (["--mnist-data", "."], "is a directory"),
+        (["--idx-images", ".", "--idx-labels", "."], "is a directory"),
     ],
 )
 def test_bad_numbers_exit_2(tmp_path, capsys, args, text):
@@ -197,3 +207,62 @@ def test_cli_missing_mnist_file_exit_2(tmp_path):
     assert r.returncode == 2
     assert "none.csv" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_crafted_manifest_cannot_delete_outside(tmp_path, capsys):
+    d = tmp_path / "d"
+    run(*DIRTY, "--output-dir", d, "--num-images", 2)
+    victim = tmp_path / "victim.csv"
+    victim.write_text("precious\n")
+    m = json.loads((d / "synth.json").read_text())
+    for bad in ("../victim.csv", str(victim)):
+        m["parts"][0]["csv"] = bad
+        (d / "synth.json").write_text(json.dumps(m))
+        with pytest.raises(SystemExit) as e:
+            run(*DIRTY, "--output-dir", d, "--num-images", 2, "--overwrite", "--seed", "1")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "outside the directory" in err
+        assert victim.read_text() == "precious\n"
+
+
+def test_seed_answer_csv_layout_merges_beside_the_folder(tmp_path, monkeypatch, capsys):
+    """The dirty-MNIST seed's call: images into the given folder, rows into the answer CSV."""
+    monkeypatch.chdir(tmp_path)
+    given = tmp_path / "dirty_mnist_2nd"
+    given.mkdir()
+    header = "index," + ",".join(LETTERS_AZ)
+    rows = [header]
+    for i in range(3):  # the competition's own files: 00000.png .. and their answers
+        Image.fromarray(np.full((96, 96), i, np.uint8)).save(given / f"{i:05d}.png")
+        rows.append(f"{i}," + ",".join("1" if k in (i, 25) else "0" for k in range(26)))
+    answer = tmp_path / "dirty_mnist_2nd_answer.csv"
+    answer.write_text("\n".join(rows) + "\n")
+    args = [*DIRTY, "--letters-min", "1", "--letters-max", "2", "--output-dir", "dirty_mnist_2nd"]
+    run(*args, "--output-csv", "dirty_mnist_2nd_answer.csv", "--num-images", 4,
+        "--index-offset", 100000)  # fmt: skip
+    assert "rows merged into" in capsys.readouterr().out
+    df = pd.read_csv(answer, dtype=str)
+    assert list(df.columns) == ["index", *LETTERS_AZ]
+    assert df["index"].tolist() == ["0", "1", "2", "100000", "100001", "100002", "100003"]
+    assert (given / "100003.png").is_file() and not (given / "synth.json").exists()
+    import data
+
+    ds = data.load_images(answer)  # the layout is read without a manifest
+    assert ds.multi_label and len(ds) == 7 and ds.classes == LETTERS_AZ
+    assert ds.labels[1].tolist()[1] == 1.0 and ds.images[1].max() == 1
+    assert len(data.load_images(tmp_path)) == 7  # the folder holding both, too
+    # Overlapping rows and existing images are refused (nothing written) unless --overwrite.
+    before = answer.read_text()
+    for extra in (["--index-offset", 100002], ["--index-offset", 2]):
+        with pytest.raises(SystemExit) as e:
+            run(*args, "--output-csv", "dirty_mnist_2nd_answer.csv", "--num-images", 2, *extra)
+        assert e.value.code == 2 and answer.read_text() == before
+    assert "already lists index 2" in capsys.readouterr().err
+    # A CSV anywhere else is refused; letters mode and a test part have no answer layout.
+    for bad, text in (
+        (["--output-csv", str(tmp_path / "sub" / "x.csv")], "beside it"),
+        (["--output-csv", "dirty_mnist_2nd_answer.csv", "--num-test", "2"], "no test part"),
+    ):
+        with pytest.raises(SystemExit):
+            run(*args, "--num-images", 1, "--index-offset", 7, *bad)
+        assert text in capsys.readouterr().err
