@@ -39,8 +39,11 @@ from common import (
     atomic_path,
     cli_errors,
     format_table,
+    fraction,
+    image_size,
     parse_args,
     progress,
+    seed_int,
     size2,
 )
 
@@ -1782,7 +1785,8 @@ def relabel(ds: ImageSet, path, known_ids: Iterable[str] = ()) -> tuple[ImageSet
     if ds.multi_label:
         raise UserError(f"{path}: --relabel works on single-label data only")
     if not Path(path).is_file():
-        raise UserError(f"{path}: no such relabel file; pass a CSV with columns id,new_label")
+        what = "is a directory" if Path(path).is_dir() else "no such relabel file"
+        raise UserError(f"{path}: {what}; pass a CSV with columns id,new_label")
     df = _read_csv(Path(path))
     cols = {c.lower(): c for c in df.columns}
     id_col = cols.get("id", df.columns[0] if len(df.columns) else None)
@@ -2262,14 +2266,6 @@ def save_grid(ds: ImageSet, path, per_class: int = 8, max_classes: int = 40) -> 
     return len(rows)
 
 
-def _parse_size(s: str):
-    try:
-        vals = [int(v) for v in re.split(r"[x,]", s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected N or HxW") from None
-    return vals[0] if len(vals) == 1 else tuple(vals)
-
-
 def _describe_part(name: str, ds: ImageSet) -> list:
     sec = ds.info.get("seconds") or 0.0
     if ds.info.get("cached"):
@@ -2289,10 +2285,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--data-format", default=None, choices=sorted(FORMATS), help="override auto-detection"
     )
-    p.add_argument("--img-size", type=_parse_size, default=None, help="resize to N or HxW")
+    p.add_argument("--img-size", type=image_size(), default=None, help="resize to N or HxW")
     p.add_argument("--in-chans", type=int, choices=(1, 3), default=None, help="force grey/RGB")
-    p.add_argument("--val-ratio", type=float, default=0.1, help="held-out fraction of train")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--val-ratio", type=fraction, default=0.1, help="held-out fraction of train")
+    p.add_argument("--split-seed", type=seed_int, default=0, help="seed of the train/val split")
     p.add_argument(
         "--split", choices=SPLITS, default="train", help="split for the statistics and --grid"
     )

@@ -591,6 +591,27 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     assert not list((tmp_path / "cache").glob("*.tmp"))  # nothing half-written
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--val-ratio", "1"], ["--val-ratio", "nan"], ["--val-ratio", "-0.1"],
+        ["--split-seed", "-1"], ["--img-size", "0"], ["--img-size", "99999"],
+        ["--img-size", "8x"], ["--in-chans", "2"],
+    ],
+)  # fmt: skip
+def test_cli_numeric_flags_range_checked(tmp_path, capsys, flags):
+    root = make_folder(tmp_path / "f")
+    code, _, err = run_cli(["--data", str(root), "--quiet", *flags], capsys)
+    assert code == 2 and flags[0] in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()  # refused before anything was decoded
+
+
+def test_relabel_directory_message(tmp_path):
+    ds = data.load_images(make_folder(tmp_path / "f"))
+    with pytest.raises(UserError, match="is a directory"):
+        data.relabel(ds, tmp_path)
+
+
 def test_cli_subprocess_exit_code(tmp_path):
     import subprocess
     import sys
