@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import data
 import models
 import train
 from common import (
@@ -294,15 +295,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, decay: float) -> l
 
 
 def wise_ft(start: dict, finetuned: dict, alpha: float) -> dict:
-    """(1-alpha)*start + alpha*finetuned for float tensors in both; the rest from finetuned."""
-    out = {}
-    for k, v in finetuned.items():
-        s = start.get(k)
-        if s is not None and v.is_floating_point() and s.shape == v.shape:
-            out[k] = torch.lerp(s.to(v.dtype), v, alpha)
-        else:
-            out[k] = v.clone()
-    return out
+    """(1-alpha)*start + alpha*finetuned (models.interpolate_state: a new head, integer buffers
+    and keys missing from the start are taken from finetuned)."""
+    return models.interpolate_state(start, finetuned, alpha)
 
 
 def state_hash(state_dict: dict) -> str:
@@ -447,24 +442,27 @@ def adopt_start(args, explicit: set[str]) -> None:
     if "img_size" not in explicit and len(size) == 2 and size[0] == size[1]:
         args.img_size = int(size[0])
     if args.same_split:
-        split = ck.get("split") or {}
-        if not split.get("val_hash"):
-            raise UserError(f"{args.weights}: records no split; drop --same-split")
-        if "split_seed" not in explicit:
-            args.split_seed = split.get("seed", args.split_seed)
-        if "val_ratio" not in explicit:
-            args.val_ratio = split.get("val_ratio", args.val_ratio)
-        for k in ("kfold", "fold"):
-            if k not in explicit and k in split:
-                setattr(args, k, split[k])
-        _, _, record = train.load_data(args, need_val=False)
-        if record["val_hash"] != split["val_hash"]:
+        adopt_split(args, ck, explicit)
+
+
+def adopt_split(args, ck: dict, explicit: set[str]) -> None:
+    """--same-split: the split flags become the start's record, verified on --data by
+    data.load_recorded_split (its held-out ids must hash as recorded); a split flag given with
+    another value is refused."""
+    rec = data.split_args(ck.get("split") or {})
+    rec = {"val_ratio": rec["val_ratio"], "split_seed": rec["split_seed"],
+           "kfold": rec["kfold"] or 0, "fold": rec["fold"] or 0}  # fmt: skip
+    for k, v in rec.items():
+        if k in explicit and getattr(args, k) != v:
+            flag = "--" + k.replace("_", "-")
             raise UserError(
-                f"{args.weights}: was trained on another train/val split (seed "
-                f"{split.get('seed')}, ratio {split.get('val_ratio')}, val {split['val_hash']}) "
-                f"than this run (seed {args.split_seed}, ratio {args.val_ratio}, val "
-                f"{record['val_hash']}); use its --split-seed/--val-ratio or drop --same-split"
+                f"{flag} {getattr(args, k)}: --same-split trains on the split of {args.weights} "
+                f"({flag} {v}); drop {flag} or --same-split"
             )
+        setattr(args, k, v)
+    data.load_recorded_split(
+        ck, args.data, "val", args.data_format, source=args.weights, **train.load_kwargs(args)
+    )
 
 
 def check_args(args) -> None:

@@ -168,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sched", choices=["cosine", "onecycle", "step", "plateau", "constant"], default="onecycle"
     )
-    g.add_argument("--warmup-epochs", type=nonneg_float, default=1.0, help="linear warm-up; at most 20%% of the run's steps")
-    g.add_argument("--min-lr-ratio", type=probability, default=0.0, help="final/peak lr (cosine, onecycle)")
+    g.add_argument(
+        "--warmup-epochs",
+        type=nonneg_float,
+        default=1.0,
+        help="linear warm-up; at most 20%% of the run's steps",
+    )
+    g.add_argument(
+        "--min-lr-ratio", type=probability, default=0.0, help="final/peak lr (cosine, onecycle)"
+    )
     g.add_argument(
         "--milestones",
         type=list_of(open_fraction),
@@ -380,25 +387,17 @@ class EMA:
             p.requires_grad_(False)
 
     def update(self, model: nn.Module, step: int) -> None:
-        ema_update(self.module, model, min(self.decay, (1 + step) / (10 + step)))
+        """ema = d * ema + (1 - d) * model (models.interpolate_state: integer buffers copied)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            sd = _unwrap(model).state_dict()
+            models.interpolate_state(self.module.state_dict(), sd, 1.0 - decay, inplace=True)
 
     def state_dict(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.module.load_state_dict(sd)
-
-
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model for float tensors; other buffers copied."""
-    with torch.no_grad():
-        e_sd, m_sd = ema.state_dict(), _unwrap(model).state_dict()
-        floats_e = [v for k, v in e_sd.items() if v.is_floating_point()]
-        floats_m = [m_sd[k] for k, v in e_sd.items() if v.is_floating_point()]
-        torch._foreach_lerp_(floats_e, floats_m, 1.0 - decay)
-        for k, v in e_sd.items():
-            if not v.is_floating_point():
-                v.copy_(m_sd[k])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -516,6 +515,16 @@ def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Data and model set-up
 
 
+def load_kwargs(args) -> dict:
+    """data.load_images keyword arguments from the data flags."""
+    return dict(
+        img_size=args.img_size,
+        in_chans=args.in_chans,
+        cache_dir=args.cache_dir,
+        skip_bad_images=args.skip_bad_images,
+    )
+
+
 def split_kwargs(args) -> dict:
     """data.load_split keyword arguments from the data/split flags."""
     return dict(
@@ -524,10 +533,7 @@ def split_kwargs(args) -> dict:
         split_seed=args.split_seed,
         kfold=getattr(args, "kfold", None),
         fold=getattr(args, "fold", None),
-        img_size=args.img_size,
-        in_chans=args.in_chans,
-        cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
+        **load_kwargs(args),
     )
 
 
@@ -1337,32 +1343,37 @@ def _init_distributed(args) -> tuple[int, int]:
 
 
 def eval_only(args) -> dict:
-    """Evaluate a checkpoint on the split recorded in it (or --split)."""
+    """Evaluate a checkpoint on --split of the data, rebuilt as the checkpoint records it (its
+    validation ids verified) with the data's classes mapped onto the checkpoint's."""
     rt = models.setup_runtime(args)
     model, ck = models.load_model(args.eval_only, rt.device)
-    split = ck.get("split", {})
-    ds, record = data.load_split(
-        args.data,
-        args.split,
-        fmt=args.data_format,
-        **data.split_args({"val_ratio": args.val_ratio, "seed": args.split_seed, **split}),
-        img_size=ck["img_size"],
-        in_chans=ck["in_chans"],
-        cache_dir=args.cache_dir,
-    )
-    if args.split == "val" and split.get("val_hash") and record["val_hash"] != split["val_hash"]:
-        print(
-            f"warning: validation ids differ from those recorded in {args.eval_only}",
-            file=sys.stderr,
-        )
+    ds = _recorded_part(args, ck, args.eval_only, args.split)
+    labels = ds.labels
+    if ck.get("task", "classify") == "classify":
+        labels = data.map_labels(ds, ck["classes"], ck["multi_label"], args.eval_only)
     with Timer() as timer:
-        m = evaluate_checkpoint(model, ck, ds.images, ds.labels, **rt.predict_kw())
+        m = evaluate_checkpoint(model, ck, ds.images, labels, **rt.predict_kw())
     rows = [[k, v] for k, v in m.items()] + [
         ["images", len(ds)],
         ["images/s", round(len(ds) / max(timer.seconds, 1e-9))],
     ]
     print(format_table(rows, [f"{Path(args.eval_only).name} on {args.split}", "value"]))
     return m
+
+
+def _recorded_part(args, ck: dict, source: str, split: str, img_size=None) -> data.ImageSet:
+    """Part `split` of --data on the split checkpoint `ck` records (data.load_recorded_split)."""
+    return data.load_recorded_split(
+        ck,
+        args.data,
+        split,
+        args.data_format,
+        source=source,
+        img_size=img_size or ck["img_size"],
+        in_chans=ck["in_chans"],
+        cache_dir=args.cache_dir,
+        skip_bad_images=args.skip_bad_images,
+    )
 
 
 def block_features(
@@ -1430,12 +1441,18 @@ def linear_eval(args) -> list[dict]:
     """RotNet protocol: freeze the backbone, train a probe on each block's features."""
     rt = models.setup_runtime(args)
     model, ck = models.load_model(args.linear_eval, rt.device)
-    split = ck.get("split", {})
-    args.val_ratio = split.get("val_ratio", args.val_ratio)
-    args.split_seed = split.get("seed", args.split_seed)
-    args.kfold, args.fold = split.get("kfold", 0), split.get("fold", 0)
-    args.img_size = args.img_size or ck["img_size"][0]
-    train_set, val_set, _ = load_data(args)
+    if not args.data:
+        raise UserError("--data is required (the data set the probes train on)")
+    train_set, val_set = (
+        _recorded_part(args, ck, args.linear_eval, part, args.img_size) for part in ("train", "val")
+    )
+    if not train_set.has_labels:
+        raise UserError(f"{args.data}: no labels found; linear eval needs a labelled data set")
+    if args.relabel:  # as in training: the held-out part keeps its labels
+        train_set, _ = data.relabel(train_set, args.relabel, val_set.ids)
+    if args.labels_per_class:
+        seed = ck["split"].get("seed", 0)
+        train_set = train_set.subset(labelled_subset(train_set.labels, args.labels_per_class, seed))
     if train_set.multi_label:
         raise UserError(f"{args.data}: linear eval needs single-label data")
     names = [n for n, _ in models.feature_blocks(model)]
