@@ -5,7 +5,10 @@ Every loss takes logits [N, K] and targets either as int64 class indices [N] or
 as float soft / multi-hot targets [N, K] (what mixup and cutmix produce), and
 returns the scalar mean. Single-label losses (ce, label-smoothing, focal, f1)
 treat float targets as soft class distributions; multi-label losses (bce, asl)
-treat int targets as one-hot rows.
+treat int targets as one-hot rows. The contrastive loss (supcon) works on an
+embedding [N, D]: `loss(embedding, target)` alone, or, built with a weight,
+`loss(logits, target, embedding=embedding)` = CE + weight * SupCon; both have
+`needs_embedding = True` so a training loop knows to pass the embedding.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_NAMES = ("ce", "label-smoothing", "focal", "f1", "bce", "asl")
+LOSS_NAMES = ("ce", "label-smoothing", "focal", "f1", "bce", "asl", "supcon")
 
 # Common spellings (e.g. the model-soups `--loss-fn CrossEntropyLoss`) map to the names above.
 _ALIASES = {
@@ -32,6 +35,12 @@ _ALIASES = {
     "bce-with-logits": "bce",
     "bcewithlogitsloss": "bce",
     "asymmetric": "asl",
+    "asymmetricloss": "asl",
+    "focalloss": "focal",
+    "contrastiveloss": "supcon",  # the model-soups seed's --loss-fn ContrastiveLoss
+    "contrastive": "supcon",
+    "supconloss": "supcon",
+    "sup-con": "supcon",
 }
 
 
@@ -82,10 +91,14 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 2.0, alpha: float | Sequence[float] | None = None):
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not 0 <= gamma < float("inf"):
+            raise ValueError(f"focal gamma must be a finite number >= 0, got {gamma}")
         self.gamma = float(gamma)
         alpha_k = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        if alpha_k is not None and (
+            alpha_k.dim() > 1 or not torch.isfinite(alpha_k).all() or (alpha_k < 0).any()
+        ):
+            raise ValueError(f"focal alpha must be one number or K numbers >= 0, got {alpha}")
         self.register_buffer("alpha", alpha_k)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -146,8 +159,12 @@ class AsymmetricLoss(nn.Module):
 
     def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05):
         super().__init__()
-        if gamma_neg < 0 or gamma_pos < 0 or not 0.0 <= clip < 1.0:
-            raise ValueError("asl needs gamma_neg >= 0, gamma_pos >= 0 and 0 <= clip < 1")
+        finite = all(v < float("inf") for v in (gamma_neg, gamma_pos))
+        if not (finite and gamma_neg >= 0 and gamma_pos >= 0 and 0.0 <= clip < 1.0):
+            raise ValueError(
+                f"asl needs finite gamma_neg >= 0, gamma_pos >= 0 and 0 <= clip < 1, got "
+                f"gamma_neg={gamma_neg}, gamma_pos={gamma_pos}, clip={clip}"
+            )
         self.gamma_neg, self.gamma_pos, self.clip = float(gamma_neg), float(gamma_pos), float(clip)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -169,6 +186,94 @@ class AsymmetricLoss(nn.Module):
         return -(t * pos + (1 - t) * neg).mean()
 
 
+def _class_of(target: torch.Tensor) -> torch.Tensor:
+    """Class index per sample: int targets as they are, soft (mixup) rows by their argmax."""
+    if target.dim() == 1 and not target.is_floating_point():
+        return target.long()
+    if target.dim() != 2 or (target.sum(1) > 1 + 1e-4).any():
+        raise ValueError(
+            "supcon needs single-label targets (class indices or soft rows summing to 1), "
+            f"got shape {tuple(target.shape)}; multi-label data is not supported"
+        )
+    return target.argmax(1)
+
+
+def supcon_loss(
+    embedding: torch.Tensor, target: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """Supervised contrastive loss, the L_out form of Khosla et al. 2020 (eq. 2):
+
+    z = embedding / |embedding|;  for each anchor i with positives P(i) = {p != i, y_p = y_i}:
+    l_i = -1/|P(i)| sum_p log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) );
+    the loss is the mean of l_i over anchors that have a positive (0 when none has).
+    """
+    z = F.normalize(embedding.float().flatten(1), dim=1)
+    y = _class_of(target)
+    n = len(z)
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    # log-softmax over a != i: the anchor itself is left out of the denominator
+    log_prob = sim - torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~self_mask
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not has.any():
+        return sim.sum() * 0.0  # no pairs in this batch: no signal, but keeps the graph
+    per_anchor = -(log_prob * pos).sum(1)[has] / n_pos[has]
+    return per_anchor.mean()
+
+
+class SupConLoss(nn.Module):
+    """SupCon on an embedding [N, D] (Khosla et al. 2020): `loss(embedding, target)`.
+
+    Called as `loss(logits, target, embedding=e)` (the loop's uniform call) it uses `e`.
+    """
+
+    needs_embedding = True
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"supcon temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return supcon_loss(x if embedding is None else embedding, target, self.temperature)
+
+
+class SupConCE(nn.Module):
+    """Cross-entropy on the logits plus `weight` x SupCon on the embedding:
+    `loss(logits, target, embedding=e)`."""
+
+    needs_embedding = True
+
+    def __init__(self, weight: float = 0.5, temperature: float = 0.1, smoothing: float = 0.0):
+        super().__init__()
+        if not 0 <= weight < float("inf"):
+            raise ValueError(f"supcon weight must be a finite number >= 0, got {weight}")
+        self.weight = float(weight)
+        self.ce = CrossEntropy(smoothing)
+        self.supcon = SupConLoss(temperature)
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if embedding is None:
+            raise ValueError("supcon with a weight needs loss(logits, target, embedding=...)")
+        return self.ce(logits, target) + self.weight * self.supcon(embedding, target)
+
+
+def _supcon(temperature: float = 0.1, weight: float | None = None, smoothing: float = 0.0):
+    """weight None: SupCon alone on the embedding; else CE + weight * SupCon."""
+    if weight is None:
+        if smoothing:
+            raise ValueError("supcon smoothing applies to the cross-entropy: give a weight too")
+        return SupConLoss(temperature)
+    return SupConCE(weight, temperature, smoothing)
+
+
 _BUILDERS = {
     "ce": lambda smoothing=0.0: CrossEntropy(smoothing),
     "label-smoothing": lambda smoothing=0.1: CrossEntropy(smoothing),
@@ -178,6 +283,7 @@ _BUILDERS = {
     "asl": lambda gamma_neg=4.0, gamma_pos=0.0, clip=0.05: AsymmetricLoss(
         gamma_neg, gamma_pos, clip
     ),
+    "supcon": _supcon,
 }
 
 

@@ -117,7 +117,8 @@ def test_asl_hand_value():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_scalar_and_finite_gradients(name):
     x = (LOGITS * 20).clone().requires_grad_(True)  # saturated logits too
-    targets = [Y, F.one_hot(Y, 4).float() * 0.7 + 0.075, Y_MULTI]
+    targets = [Y, F.one_hot(Y, 4).float() * 0.7 + 0.075]
+    targets += [Y_MULTI] if name != "supcon" else []  # supcon: single-label only
     for t in targets:
         out = build_loss(name)(x, t)
         assert out.dim() == 0 and torch.isfinite(out)
@@ -138,3 +139,82 @@ def test_unknown_name_and_bad_settings():
     with pytest.raises(ValueError, match="do not fit"):
         build_loss("ce")(LOGITS, torch.zeros(6, 3))
     assert isinstance(build_loss("CrossEntropyLoss"), type(build_loss("ce")))
+
+
+# ---------------------------------------------------------------------------
+# Supervised contrastive loss (Khosla et al. 2020)
+
+
+def test_supcon_hand_value():
+    # z0 = z1 = (1, 0) share class 0, z2 = (0, 1) is class 1 (no positive: not an anchor).
+    # Anchor 0: -log(e^(1/t) / (e^(1/t) + e^0)) = log(1 + e^(-1/t)); anchor 1 the same.
+    emb = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 5.0]])  # lengths do not matter
+    y = torch.tensor([0, 0, 1])
+    for t in (1.0, 0.5):
+        want = math.log(1 + math.exp(-1 / t))
+        got = build_loss("supcon", temperature=t)(emb, y).item()
+        assert got == pytest.approx(want, rel=1e-5)
+    # Three anchors of one class, one other: z = (1,0), (1,0), (0.6,0.8), (0,1) at t = 1.
+    # Anchor 0: positives 1 (dot 1), 2 (dot .6); denominator e^1 + e^.6 + e^0.
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    y = torch.tensor([1, 1, 1, 0])
+    den0 = math.exp(1) + math.exp(0.6) + 1
+    l0 = -(math.log(math.exp(1) / den0) + math.log(math.exp(0.6) / den0)) / 2
+    den2 = 2 * math.exp(0.6) + math.exp(0.8)  # anchor 2: dots .6, .6, .8
+    l2 = -2 * math.log(math.exp(0.6) / den2) / 2
+    want = (2 * l0 + l2) / 3  # anchors 0 and 1 are alike; anchor 3 has no positive
+    got = build_loss("ContrastiveLoss", temperature=1.0)(emb, y).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    # soft (mixup) targets count as their argmax class
+    soft = torch.tensor([[0.1, 0.9], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
+    assert build_loss("supcon", temperature=1.0)(emb, soft).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_supcon_added_to_ce_with_a_weight():
+    emb = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 5.0]])
+    y = torch.tensor([0, 0, 1])
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0], [1.0, 1.0]])
+    ce = (-math.log(0.25) - math.log(0.5) - math.log(0.5)) / 3
+    want = ce + 0.5 * math.log(1 + math.exp(-1.0))
+    loss = build_loss("supcon", weight=0.5, temperature=1.0)
+    assert loss.needs_embedding and loss(logits, y, embedding=emb).item() == pytest.approx(want)
+    alone = build_loss("supcon", temperature=1.0)
+    assert alone(logits, y, embedding=emb).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    with pytest.raises(ValueError, match="embedding="):
+        loss(logits, y)
+    # one sample per class: no positive pair, a zero loss that still backpropagates
+    e = torch.randn(3, 4, requires_grad=True)
+    out = alone(e, torch.tensor([0, 1, 2]))
+    out.backward()
+    assert out.item() == 0.0 and e.grad is not None
+
+
+def test_loss_parameters_through_build_loss():
+    with pytest.raises(ValueError, match="single-label"):
+        build_loss("supcon")(LOGITS, Y_MULTI)
+    for name, kw, text in [
+        ("supcon", {"temperature": 0}, "temperature"),
+        ("supcon", {"weight": -1}, "weight"),
+        ("supcon", {"smoothing": 0.1}, "give a weight"),
+        ("focal", {"gamma": -1}, "gamma"),
+        ("focal", {"gamma": float("inf")}, "gamma"),
+        ("focal", {"alpha": [0.5, -0.1]}, "alpha"),
+        ("asl", {"gamma_pos": -1}, "gamma_pos"),
+        ("asl", {"clip": 1.0}, "clip"),
+        ("asl", {"gamma_neg": float("nan")}, "gamma_neg"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            build_loss(name, **kw)
+    # asl with gamma_pos 1, gamma_neg 2, clip .1 on one positive p=.5 and one negative p=.75:
+    # positive (1 - .5)^1 * -ln .5; negative p_m = .65: .65^2 * -ln(.35)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    logits = torch.tensor([[0.0, logit(0.75)]])
+    y = torch.tensor([[1.0, 0.0]])
+    want = (0.5 * -math.log(0.5) + 0.65**2 * -math.log(0.35)) / 2
+    got = build_loss("asl", gamma_pos=1.0, gamma_neg=2.0, clip=0.1)(logits, y).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    # focal gamma 1: sample logits (0, ln 3), y = 1 -> (1/4) * -ln(3/4)
+    got = build_loss("FocalLoss", gamma=1.0)(
+        torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])
+    )
+    assert got.item() == pytest.approx(0.25 * -math.log(0.75), rel=1e-5)
