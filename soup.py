@@ -3,13 +3,19 @@
     python soup.py --ingredients 'runs/ft/*/best.pt' --eval-individual --uniform --greedy --plot \\
         --out runs/soup
     python soup.py --ingredients a.pt b.pt c.pt --uniform --bn-recalib 50 --out runs/soup_bn
+    python soup.py --ingredients 'runs/ft/*/best.pt' --eval-individual-models --uniform-soup \\
+        --greedy-soup --plot     # the model-soups seed's own flags
 
-The held-out set is the validation split recorded in the ingredients (its ids are re-hashed and
-must match), or --holdout PATH. It is decoded once and kept on the device. Ingredients are
-streamed from disk one at a time, so memory stays at about two models (running soup + candidate)
-plus the model being evaluated, whatever their number. Greedy soup is the reference algorithm:
-sort by held-out accuracy, start from the best, add each next one as a running uniform average
-and keep it only if held-out accuracy does not drop (--greedy-strict: only if it rises).
+The held-out set is the validation split recorded in the ingredients (rebuilt and its hash
+verified by data.load_recorded_split), or --holdout PATH. It is decoded once and kept on the
+device. Ingredients are streamed from disk one at a time, so memory stays at about three state
+dicts (running soup, next ingredient, candidate) plus the model being evaluated, whatever their
+number. Greedy soup is the reference algorithm: sort by held-out accuracy, start from the best,
+add each next one as a running uniform average and keep it only if the held-out score does not
+drop (--greedy-strict: only if it rises). Weights are mixed by models.interpolate_state, the one
+interpolation rule (also used by train.py's EMA and finetune.py's WiSE-FT). Every output is
+written at the end, together (common.Outputs): a failure or a kill leaves the previous soup as
+it was.
 """
 
 from __future__ import annotations
@@ -20,31 +26,45 @@ import glob
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import data
+import finetune
 import models
 import train
 from common import (
+    METRIC_KEYS,
+    METRICS,
+    DirLock,
+    Outputs,
     Timer,
     UserError,
     add_common_flags,
-    atomic_path,
+    brief,
+    check_writable_dir,
     cli_errors,
     ensure_new_output,
     format_table,
+    int_range,
     jsonable,
+    metric_name,
+    natural_key,
+    nonneg_int,
     parse_args,
+    positive_float,
+    positive_int,
     progress,
-    write_json,
+    refuse_output_on_input,
+    seed_int,
     write_jsonl,
 )
 
@@ -52,7 +72,7 @@ OUTPUTS = (
     "individual.jsonl", "greedy.jsonl", "uniform_soup.pt", "greedy_soup.pt", "learned_soup.pt",
     "soup.png", "summary.json",
 )  # fmt: skip
-# Meta every ingredient must share, with the words used when they differ.
+# CheckpointMeta fields every ingredient must share, with the words used when they differ.
 SAME_META = (
     ("arch", "architecture"),
     ("model_kwargs", "model settings"),
@@ -63,15 +83,14 @@ SAME_META = (
     ("multi_label", "label type"),
     ("task", "task"),
 )
-# Not copied from an ingredient into a soup's meta: per-file state and last.pt extras.
-NOT_META = set(
-    "format state_dict created torch metrics optimizer scaler scheduler train_state aug_rng "
-    "torch_rng cuda_rng ema_state_dict".split()
-)
-# Training args that tell grid points apart (logged per ingredient when present).
-GRID_KEYS = (
-    "lr weight_decay epochs opt sched smoothing mix mix_alpha mix_prob aug ema drop drop_path"
-).split()
+
+
+class Ingredient(NamedTuple):
+    """One checkpoint of the soup: its path, metadata (training state dropped) and tensor shapes."""
+
+    path: str
+    meta: models.CheckpointMeta
+    shapes: dict
 
 
 # ---------------------------------------------------------------------------
@@ -113,11 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoded-tensor cache (None: $IMGCLS_CACHE or ~/.cache/imgcls)",
     )
 
-    g = p.add_argument_group("soups")
-    g.add_argument("--eval-individual", action="store_true", help="score every ingredient")
-    g.add_argument("--uniform", action="store_true", help="average all ingredients")
+    g = p.add_argument_group("soups (the model-soups seed's --eval-individual-models, "
+                             "--uniform-soup, --greedy-soup are accepted too)")  # fmt: skip
     g.add_argument(
-        "--greedy", action="store_true", help="greedy soup (scores every ingredient first)"
+        "--eval-individual",
+        "--eval-individual-models",
+        dest="eval_individual",
+        action="store_true",
+        help="score every ingredient",
+    )
+    g.add_argument(
+        "--uniform", "--uniform-soup", dest="uniform", action="store_true", help="average all"
+    )
+    g.add_argument(
+        "--greedy",
+        "--greedy-soup",
+        dest="greedy",
+        action="store_true",
+        help="greedy soup (scores every ingredient first)",
     )
     g.add_argument(
         "--greedy-order",
@@ -131,18 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep a candidate only if the score rises (reference code); default: does not drop",
     )
     g.add_argument(
-        "--metric", choices=["acc", "f1"], default="acc", help="held-out score to rank and pick"
+        "--metric",
+        type=metric_name,
+        default="accuracy",
+        help=f"held-out score to rank and pick: {' or '.join(METRICS)} (aliases acc, f1)",
     )
     g.add_argument(
         "--learned",
         action="store_true",
         help="learn softmax mixing weights on the held-out set (holds all ingredients in memory)",
     )
-    g.add_argument("--learned-steps", type=int, default=50, help="--learned: optimiser steps")
-    g.add_argument("--learned-lr", type=float, default=0.05, help="--learned: Adam lr")
+    g.add_argument(
+        "--learned-steps", type=positive_int, default=50, help="--learned: optimiser steps"
+    )
+    g.add_argument("--learned-lr", type=positive_float, default=0.05, help="--learned: Adam lr")
     g.add_argument(
         "--bn-recalib",
-        type=int,
+        type=nonneg_int,
         default=0,
         metavar="N",
         help="re-estimate BatchNorm statistics of every soup on N training batches (0: off)",
@@ -152,32 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         "--random-seed",
         dest="seed",
-        type=int,
+        type=seed_int,
         default=0,
         help="random order, BN-recalibration images and --learned batches",
     )
 
-    g = p.add_argument_group("speed and output")
-    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast")
+    g = models.add_runtime_flags(p, eval_batch_size=1024, compile_flag=False)
     g.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory format",
+        "--batch-size",
+        type=int_range(2),
+        default=256,
+        help="BN-recalibration and --learned batch (--eval-batch-size: held-out scoring)",
     )
-    g.add_argument(
-        "--batch-size", type=int, default=256, help="BN-recalibration and --learned batch"
-    )
-    g.add_argument("--eval-batch-size", type=int, default=1024, help="held-out scoring batch")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores)")
+    g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/soup", help="output directory")
-    g.add_argument("--overwrite", action="store_true", help="replace the outputs of a past run")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of a past run (at the end, once the new ones are written)",
+    )
     return p
 
 
 # ---------------------------------------------------------------------------
-# Averaging: pure functions on state dicts
+# Averaging: pure functions on state dicts, mixed by models.interpolate_state
 
 
 def _acc_dtype(dtype: torch.dtype, acc_dtype: torch.dtype | None) -> torch.dtype:
@@ -190,8 +225,18 @@ def _same_layout(ref: dict, sd: dict, what: str) -> None:
         diff = sorted(set(ref) ^ set(sd))
         raise ValueError(f"{what}: state dict keys differ ({', '.join(diff[:3])})")
     for k, v in sd.items():
-        if torch.is_tensor(v) and tuple(v.shape) != tuple(ref[k].shape):
+        if tuple(v.shape) != tuple(ref[k].shape):
             raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, not {tuple(ref[k].shape)}")
+
+
+def _accumulator(sd: dict, acc_dtype: torch.dtype | None = None) -> dict:
+    """A copy of `sd` with floating tensors in the accumulation dtype."""
+    return {
+        k: v.detach().to(_acc_dtype(v.dtype, acc_dtype), copy=True)
+        if v.is_floating_point()
+        else v.detach().clone()
+        for k, v in sd.items()
+    }
 
 
 def average_state_dicts(
@@ -203,7 +248,8 @@ def average_state_dicts(
 
     Floating tensors: running mean in float32 (float64 for float64 tensors, or `acc_dtype`),
     cast back to the first state dict's dtype. Integer/bool tensors (BatchNorm
-    num_batches_tracked) are taken from the first. Weights need not sum to one.
+    num_batches_tracked) follow models.interpolate_state: those of the last state dict with a
+    positive weight. Weights need not sum to one.
     """
     mean: dict | None = None
     dtypes: dict = {}
@@ -214,23 +260,16 @@ def average_state_dicts(
         w = 1.0 if weights is None else float(weights[n])
         if not w >= 0:
             raise ValueError(f"weight {n} is {w}; weights must be >= 0")
+        sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
         if mean is None:
-            dtypes = {k: v.dtype for k, v in sd.items() if torch.is_tensor(v)}
-            mean = {
-                k: v.detach().to(_acc_dtype(v.dtype, acc_dtype), copy=True)
-                if v.is_floating_point()
-                else v.detach().clone()
-                for k, v in sd.items()
-                if torch.is_tensor(v)
-            }
+            dtypes = {k: v.dtype for k, v in sd.items()}
+            mean = _accumulator(sd, acc_dtype)
         else:
-            _same_layout(mean, {k: v for k, v in sd.items() if torch.is_tensor(v)}, f"item {n}")
+            _same_layout(mean, sd, f"item {n}")
         total += w
         if n > 0 and total > 0:
             # Running mean m += (x - m) * w / total: N copies of one model average to it exactly.
-            for k, m in mean.items():
-                if m.is_floating_point():
-                    m.lerp_(sd[k].detach().to(m.dtype), w / total)
+            models.interpolate_state(mean, sd, w / total, inplace=True)
         n += 1
     if mean is None:
         raise ValueError("no state dicts to average")
@@ -239,19 +278,6 @@ def average_state_dicts(
     if total <= 0:
         raise ValueError("weights sum to zero")
     return {k: v.to(dtypes[k]) for k, v in mean.items()}
-
-
-def _running_mean(soup: dict, new: dict, n: int) -> dict:
-    """soup * n/(n+1) + new/(n+1) (as a lerp), built while the new ingredient is released."""
-    new = dict(new)
-    if new.keys() != soup.keys():
-        raise ValueError(f"state dict keys differ ({', '.join(sorted(set(new) ^ set(soup))[:3])})")
-    out = {}
-    for k in list(new):
-        v, s = new.pop(k), soup[k]
-        # Integer buffers stay with the soup's start, as in average_state_dicts.
-        out[k] = torch.lerp(s, v.to(s.dtype), 1.0 / (n + 1)) if s.is_floating_point() else s
-    return out
 
 
 def greedy_soup(
@@ -267,16 +293,12 @@ def greedy_soup(
 
     The soup starts as paths[0] (scored `start_metrics`, else evaluated); each next candidate is
     tried as soup * n/(n+1) + new/(n+1) and kept if evaluate_fn(candidate)[metric] does not drop
-    (strict: rises). Only the running soup and one candidate are held in memory.
+    (strict: rises). Only the running soup, the next ingredient and the candidate are in memory.
     """
     load_fn = load_fn or models.load_state_dict_file
     first = load_fn(paths[0])
     dtypes = {k: v.dtype for k, v in first.items()}
-    # Never modified in place (candidates are new tensors), so no copy of the caller's tensors.
-    soup = {
-        k: v.detach().to(_acc_dtype(v.dtype, None)) if v.is_floating_point() else v
-        for k, v in first.items()
-    }
+    soup = _accumulator(first)
     del first
     best = start_metrics if start_metrics is not None else evaluate_fn(soup)
     kept = [paths[0]]
@@ -284,7 +306,10 @@ def greedy_soup(
     if on_step:
         on_step(steps[-1])
     for path in paths[1:]:
-        candidate = _running_mean(soup, load_fn(path), len(kept))
+        new = load_fn(path)
+        _same_layout(soup, new, str(path))
+        candidate = models.interpolate_state(soup, new, 1.0 / (len(kept) + 1))
+        del new
         m = evaluate_fn(candidate)
         accepted = m[metric] > best[metric] if strict else m[metric] >= best[metric]
         if accepted:
@@ -317,7 +342,6 @@ def greedy_order(metrics: Sequence[dict], order: str = "accuracy", seed: int = 0
 # BatchNorm re-estimation
 
 
-@torch.no_grad()
 def recalibrate_bn(
     model: nn.Module,
     images: torch.Tensor,
@@ -330,7 +354,8 @@ def recalibrate_bn(
 ) -> int:
     """Reset BatchNorm running stats and re-estimate them as the plain average over `images`.
 
-    Only BN layers run in train mode (dropout/drop-path stay off). Returns the number of BN layers.
+    The batches go through train.predict's loop (normalise, channels_last, autocast); only BN
+    layers run in train mode (dropout/drop-path stay off). Returns the number of BN layers.
     """
     bns = [
         m
@@ -339,35 +364,32 @@ def recalibrate_bn(
     ]
     if not bns:
         return 0
-    was_training = model.training
     momenta = [m.momentum for m in bns]
-    model.eval()
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches, not an EMA
-        m.train()
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if len(x) >= 2:  # train-mode BN needs two samples
+            for m in bns:
+                m.train()  # predict() put the model in eval mode
+            model(x)
+            for m in bns:
+                m.eval()
+        return x.new_zeros(len(x), 0)
+
     try:
-        for idx in data.batch_indices(len(images), batch_size, False):
-            if len(idx) < 2:  # train-mode BN needs two samples
-                continue
-            x = data.normalize(images[idx].to(device, non_blocking=True), mean, std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with models.autocast(device, amp):
-                model(x)
+        train.predict(
+            model, images, mean, std, batch_size, device, amp, channels_last, forward=forward
+        )
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
-        model.train(was_training)
     return len(bns)
 
 
 # ---------------------------------------------------------------------------
 # Ingredients: discovery and compatibility checks
-
-
-def _natural_key(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def expand_ingredients(patterns: Sequence[str]) -> list[str]:
@@ -376,7 +398,7 @@ def expand_ingredients(patterns: Sequence[str]) -> list[str]:
     for pat in patterns:
         if any(c in pat for c in "*?["):
             hits = sorted(
-                (h for h in glob.glob(pat, recursive=True) if Path(h).is_file()), key=_natural_key
+                (h for h in glob.glob(pat, recursive=True) if Path(h).is_file()), key=natural_key
             )
             if not hits:
                 raise UserError(
@@ -384,8 +406,13 @@ def expand_ingredients(patterns: Sequence[str]) -> list[str]:
                     "'runs/ft/*/best.pt')"
                 )
         else:
+            if Path(pat).is_dir():
+                raise UserError(
+                    f"--ingredients {pat}: is a directory; pass checkpoint files or a pattern "
+                    f"such as '{Path(pat) / '*' / 'best.pt'}'"
+                )
             if not Path(pat).is_file():
-                raise UserError(f"{pat}: no such checkpoint; check --ingredients")
+                raise UserError(f"--ingredients {pat}: no such checkpoint; check the path")
             hits = [pat]
         for h in hits:
             key = os.path.realpath(h)
@@ -395,46 +422,25 @@ def expand_ingredients(patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def _has_tensor(v) -> bool:
-    if torch.is_tensor(v):
-        return True
-    if isinstance(v, dict):
-        return any(_has_tensor(x) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_has_tensor(x) for x in v)
-    return False
-
-
-def read_ingredient(path: str) -> dict:
-    """Meta, state-dict shapes and recorded metrics of one checkpoint (its tensors dropped)."""
+def read_ingredient(path: str) -> Ingredient:
+    """Metadata and state-dict shapes of one checkpoint (its tensors and training state dropped)."""
     ck = models.load_checkpoint(path)
-    sd = ck["state_dict"]
-    return {
-        "path": str(path),
-        "meta": {k: v for k, v in ck.items() if k not in NOT_META and not _has_tensor(v)},
-        "shapes": {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)},
-        "metrics": ck.get("metrics") or {},
-    }
+    meta = replace(models.read_meta(ck, str(path)), extra={})
+    shapes = {k: tuple(v.shape) for k, v in ck["state_dict"].items() if torch.is_tensor(v)}
+    return Ingredient(str(path), meta, shapes)
 
 
-def _brief(v) -> str:
-    if isinstance(v, list) and len(v) > 6:
-        return f"{len(v)} items [{', '.join(map(str, v[:3]))}, ...]"
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def check_ingredients(infos: Sequence[dict]) -> None:
+def check_ingredients(infos: Sequence[Ingredient]) -> None:
     """UserError naming both files when an ingredient differs from the first in what matters."""
     a = infos[0]
     fix = "soup only models of one architecture fine-tuned on the same data and split"
     for b in infos[1:]:
-        pair = f"{a['path']} and {b['path']}"
+        pair = f"{a.path} and {b.path}"
         for key, what in SAME_META:
-            va, vb = a["meta"].get(key), b["meta"].get(key)
+            va, vb = getattr(a.meta, key), getattr(b.meta, key)
             if va != vb:
-                raise UserError(f"{pair} differ in {what} ({_brief(va)} vs {_brief(vb)}); {fix}")
-        sa, sb = a["meta"].get("split") or {}, b["meta"].get("split") or {}
+                raise UserError(f"{pair} differ in {what} ({brief(va)} vs {brief(vb)}); {fix}")
+        sa, sb = a.meta.split, b.meta.split
         if sa.get("val_hash") != sb.get("val_hash"):
             raise UserError(
                 f"{pair} were validated on different splits (val_hash {sa.get('val_hash')} vs "
@@ -442,7 +448,7 @@ def check_ingredients(infos: Sequence[dict]) -> None:
                 f"val ratio {sa.get('val_ratio')} vs {sb.get('val_ratio')}); train all "
                 "ingredients with the same --split-seed and --val-ratio"
             )
-        ka, kb = a["shapes"], b["shapes"]
+        ka, kb = a.shapes, b.shapes
         if ka.keys() != kb.keys():
             only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
             raise UserError(
@@ -457,15 +463,22 @@ def check_ingredients(infos: Sequence[dict]) -> None:
                 )
 
 
-def start_warnings(infos: Sequence[dict]) -> list[str]:
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Normalisation stats equal up to float noise (they are recomputed per run)."""
+    return len(a) == len(b) and all(
+        math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(a, b)
+    )
+
+
+def start_warnings(infos: Sequence[Ingredient]) -> list[str]:
     """Warnings (not errors) when ingredients do not look like they share one start."""
-    args = [i["meta"].get("args") or {} for i in infos]
+    args = [i.meta.args for i in infos]
     out = []
     starts = [a.get("weights") for a in args]
     if len(set(map(str, starts))) > 1:
         j = next(i for i, s in enumerate(starts) if s != starts[0])
         out.append(
-            f"{infos[0]['path']} and {infos[j]['path']} start from different weights "
+            f"{infos[0].path} and {infos[j].path} start from different weights "
             f"({starts[0]} vs {starts[j]}); soups work when all ingredients are fine-tuned from "
             "one pretrained start, expect a poor uniform soup"
         )
@@ -476,9 +489,20 @@ def start_warnings(infos: Sequence[dict]) -> list[str]:
                 "ingredients were trained from scratch with different --random-seed values, so "
                 "they share no start; their average is usually much worse than any of them"
             )
-    mean_std = {(str(i["meta"].get("mean")), str(i["meta"].get("std"))) for i in infos}
-    if len(mean_std) > 1:
-        out.append("ingredients record different normalisation mean/std; the first one's is used")
+    ref = infos[0].meta
+    odd = next(
+        (
+            i
+            for i in infos[1:]
+            if not (_close(i.meta.mean, ref.mean) and _close(i.meta.std, ref.std))
+        ),
+        None,
+    )
+    if odd is not None:
+        out.append(
+            f"{odd.path} records another normalisation mean/std ({odd.meta.mean}/{odd.meta.std} "
+            f"vs {ref.mean}/{ref.std}); the first one's is used"
+        )
     return out
 
 
@@ -486,98 +510,89 @@ def start_warnings(infos: Sequence[dict]) -> list[str]:
 # Held-out and BN-recalibration data
 
 
-def _load_like_training(path, split: str, fmt, ref: dict, cache_dir) -> tuple:
-    """A part of `path` at the ingredients' image size and channels, reusing training's cache."""
-    meta = ref["meta"]
-    rec = meta.get("split") or {}
-    targs = meta.get("args") or {}
-    want = (int(meta["in_chans"]), *map(int, meta["img_size"]))
+def _load_like_training(path, split: str, fmt, ref: Ingredient, cache_dir, verify: bool):
+    """A part of `path` at the ingredients' image size and channels, reusing training's cache.
+
+    verify: the split the ingredients record, rebuilt and its hash checked
+    (data.load_recorded_split); else (another data set, --holdout) the same split rule, unchecked.
+    """
+    meta = ref.meta
+    targs = meta.args
+    want = (int(meta.in_chans), *map(int, meta.img_size))
     exact = {"img_size": tuple(want[1:]), "in_chans": want[0]}
     # Training's own flags first: same cache key, so no second decode of the data set.
     tries = [{"img_size": targs.get("img_size"), "in_chans": targs.get("in_chans")}, exact]
     if tries[0] == exact or "img_size" not in targs:
         tries = [exact]
-    for i, kw in enumerate(tries):
+    kw = {"cache_dir": cache_dir, "skip_bad_images": bool(targs.get("skip_bad_images", False))}
+    for i, size in enumerate(tries):
         try:
-            ds, record = data.load_split(
-                path,
-                split,
-                fmt=fmt,
-                **data.split_args(rec),
-                cache_dir=cache_dir,
-                skip_bad_images=bool(targs.get("skip_bad_images", False)),
-                **kw,
-            )
+            if verify:
+                ds = data.load_recorded_split(meta, path, split, fmt, source=ref.path, **kw, **size)
+            else:
+                ds, _ = data.load_split(
+                    path, split, fmt, **data.split_args(meta.split), **kw, **size
+                )
         except UserError:
             if i + 1 < len(tries):
                 continue
             raise
         if len(ds) == 0 or tuple(ds.images.shape[1:]) == want:
-            return ds, record
-    return ds, record
+            return ds
+    return ds
 
 
-def load_holdout(args, ref: dict) -> tuple[data.ImageSet, str]:
+def load_holdout(args, ref: Ingredient) -> tuple[data.ImageSet, str]:
     """The held-out set: the recorded validation split (hash verified) or --holdout."""
-    meta = ref["meta"]
+    meta = ref.meta
     if args.holdout:
-        ds, _ = _load_like_training(
-            args.holdout, args.holdout_split, args.holdout_format, ref, args.cache_dir
+        ds = _load_like_training(
+            args.holdout, args.holdout_split, args.holdout_format, ref, args.cache_dir, False
         )
         if not ds.has_labels or len(ds) == 0:
             raise UserError(
                 f"--holdout {args.holdout} ({args.holdout_split}): no labelled images; "
                 "pass a labelled set or another --holdout-split"
             )
-        if ds.classes != meta.get("classes") and meta.get("task") != "rotation":
+        if ds.classes != meta.classes and meta.task != "rotation":
             raise UserError(
-                f"--holdout {args.holdout}: classes {_brief(ds.classes)} differ from the "
-                f"ingredients' {_brief(meta.get('classes'))} ({ref['path']}); use a set "
+                f"--holdout {args.holdout}: classes {brief(ds.classes)} differ from the "
+                f"ingredients' {brief(meta.classes)} ({ref.path}); use a set "
                 "labelled with the same classes"
             )
         return ds, f"{args.holdout} ({args.holdout_split}, {len(ds)} images)"
-    rec = meta.get("split") or {}
-    if not rec.get("val_hash") or not rec.get("val_ratio"):
+    if not meta.split.get("val_hash") or not meta.split.get("val_ratio"):
         raise UserError(
-            f"{ref['path']}: records no validation split (val_ratio "
-            f"{rec.get('val_ratio')}); pass --holdout PATH, a labelled set to score soups on"
+            f"{ref.path}: records no validation split (val_ratio "
+            f"{meta.split.get('val_ratio')}); pass --holdout PATH, a labelled set to score soups on"
         )
     path = data_path(args, ref)
-    ds, record = _load_like_training(
-        path, "val", args.data_format or _fmt(ref), ref, args.cache_dir
-    )
-    if record["val_hash"] != rec["val_hash"]:
-        raise UserError(
-            f"{path}: its validation split (seed {rec.get('seed')}, ratio {rec.get('val_ratio')}) "
-            f"hashes to {record['val_hash']} but {ref['path']} recorded {rec['val_hash']}: the "
-            "data changed since training; pass the data set the ingredients were trained on, "
-            "or --holdout PATH"
-        )
+    ds = _load_like_training(path, "val", _data_format(args, ref), ref, args.cache_dir, True)
     return ds, f"{path} (recorded val split, {len(ds)} images)"
 
 
-def _fmt(ref: dict):
-    return (ref["meta"].get("args") or {}).get("data_format")
+def _data_format(args, ref: Ingredient):
+    return args.data_format or ref.meta.args.get("data_format")
 
 
-def data_path(args, ref: dict) -> str:
+def data_path(args, ref: Ingredient) -> str:
     """--data, else the data path recorded in the first ingredient's training args."""
-    path = args.data or (ref["meta"].get("args") or {}).get("data")
+    path = args.data or ref.meta.args.get("data")
     if not path:
         raise UserError(
-            f"{ref['path']}: records no data path; pass --data (the set it was trained on)"
+            f"{ref.path}: records no data path; pass --data (the set it was trained on)"
         )
     if not args.data and not Path(path).exists():
         raise UserError(
-            f"{ref['path']}: recorded data path {path} is not found from here; pass --data"
+            f"{ref.path}: recorded data path {path} is not found from here; pass --data"
         )
     return path
 
 
-def bn_images(args, ref: dict, device: torch.device) -> torch.Tensor:
+def bn_images(args, ref: Ingredient, device: torch.device) -> torch.Tensor:
     """uint8 images for BN re-estimation: --bn-recalib batches of the recorded training split."""
     path = data_path(args, ref)
-    ds, _ = _load_like_training(path, "train", args.data_format or _fmt(ref), ref, args.cache_dir)
+    ds = _load_like_training(path, "train", _data_format(args, ref), ref, args.cache_dir, True)
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(ds), generator=gen)[: args.bn_recalib * args.batch_size]
     images = ds.images[idx.sort().values]
@@ -592,40 +607,32 @@ def bn_images(args, ref: dict, device: torch.device) -> torch.Tensor:
 class Scorer:
     """The one model every evaluation of a run loads state dicts into, plus the held-out data."""
 
-    def __init__(self, ref: dict, held: data.ImageSet, args, device, bn: torch.Tensor | None):
-        meta = ref["meta"]
-        self.model = models.create_model(
-            meta["arch"],
-            int(meta["num_classes"]),
-            in_chans=int(meta["in_chans"]),
-            img_size=meta.get("img_size"),
-            model_kwargs=meta.get("model_kwargs"),
-            check_size=False,
-        ).to(device)
-        if args.channels_last:
+    def __init__(self, ref: Ingredient, held: data.ImageSet, args, rt, bn: torch.Tensor | None):
+        self.model, _ = models.load_model(ref.path, rt.device)  # rebuilt as models.py does it
+        if rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.model.eval()
-        self.images = held.images.to(device)  # decoded once, on the device for the whole run
+        self.images = held.images.to(rt.device)  # decoded once, on the device for the whole run
         self.labels = held.labels
-        self.mean, self.std = meta["mean"], meta["std"]
-        self.multi_label, self.task = bool(meta.get("multi_label")), meta.get("task", "classify")
-        self.bn, self.args, self.device = bn, args, device
+        meta = ref.meta
+        self.mean, self.std = meta.mean, meta.std
+        self.multi_label, self.task = meta.multi_label, meta.task
+        self.bn, self.args, self.rt, self.device = bn, args, rt, rt.device
         self.passes = 0
 
     def load(self, sd: dict, recalib: bool) -> None:
         """Load `sd` into the model; re-estimate BN statistics when asked and enabled."""
         self.model.load_state_dict(sd)
         if recalib and self.bn is not None:
-            a = self.args
+            rt = self.rt
             recalibrate_bn(
                 self.model,
                 self.bn,
                 self.mean,
                 self.std,
-                a.batch_size,
-                self.device,
-                a.amp,
-                a.channels_last,
+                self.args.batch_size,
+                rt.device,
+                rt.amp,
+                rt.channels_last,
             )
 
     def score(self, sd: dict | None = None, recalib: bool = True) -> dict:
@@ -641,10 +648,7 @@ class Scorer:
             self.std,
             self.multi_label,
             self.task,
-            batch_size=self.args.eval_batch_size,
-            device=self.device,
-            amp=self.args.amp,
-            channels_last=self.args.channels_last,
+            **{**self.rt.predict_kw(), "quiet": True},
         )
 
     def state(self, like: dict) -> dict:
@@ -680,41 +684,58 @@ def _differentiable_eval_bn():
 
 
 def learned_weights(paths: Sequence[str], scorer: Scorer, args) -> list[float]:
-    """Mixing weights softmax(a) minimising held-out loss of sum_i w_i * theta_i (all in memory)."""
-    device, n = scorer.device, len(paths)
-    model = scorer.model
+    """Mixing weights softmax(a) minimising held-out loss of sum_i w_i * theta_i (all in memory).
+
+    Each step is one batch through train.predict's loop (normalise, channels_last, autocast);
+    its forward builds the mixed weights with gradients on, and the step runs after it."""
+    rt, n = scorer.rt, len(paths)
     stacked, fixed = {}, {}
     for i, p in enumerate(progress(paths, args.quiet, desc="load all")):
         for k, v in models.load_state_dict_file(p).items():
             if v.is_floating_point():
                 if k not in stacked:
-                    stacked[k] = torch.empty((n, *v.shape), dtype=torch.float32, device=device)
+                    stacked[k] = torch.empty((n, *v.shape), dtype=torch.float32, device=rt.device)
                 stacked[k][i] = v
             elif i == 0:
-                fixed[k] = v.to(device)
-    logits = torch.zeros(n, device=device, requires_grad=True)
+                fixed[k] = v.to(rt.device)
+    logits = torch.zeros(n, device=rt.device, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=args.learned_lr)
     gen = torch.Generator().manual_seed(args.seed)
-    y_all = scorer.labels
-    model.eval()  # BN uses the mixed running stats; dropout off
+    batch: dict = {}
+
+    def mixed_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad(), _differentiable_eval_bn():  # predict() runs under no_grad
+            w = logits.softmax(0)
+            state = {k: torch.tensordot(w, s, dims=1) for k, s in stacked.items()}
+            state.update(fixed)
+            out = torch.func.functional_call(model, state, (x,)).float()
+            y = batch["y"]
+            batch["loss"] = (
+                F.binary_cross_entropy_with_logits(out, y.float())
+                if scorer.multi_label
+                else F.cross_entropy(out, y)
+            )
+        return out.detach()
+
     for _ in progress(range(args.learned_steps), args.quiet, desc="learn weights"):
         idx = torch.randint(
             len(scorer.images), (min(args.batch_size, len(scorer.images)),), generator=gen
         )
-        w = logits.softmax(0)
-        state = {k: torch.tensordot(w, s, dims=1) for k, s in stacked.items()}
-        state.update(fixed)
-        x = data.normalize(scorer.images[idx.to(scorer.images.device)], scorer.mean, scorer.std)
-        with models.autocast(device, args.amp), _differentiable_eval_bn():
-            out = torch.func.functional_call(model, state, (x,)).float()
-        y = y_all[idx].to(device)
-        loss = (
-            F.binary_cross_entropy_with_logits(out, y.float())
-            if scorer.multi_label
-            else F.cross_entropy(out, y)
+        batch["y"] = scorer.labels[idx].to(rt.device)
+        images = scorer.images[idx.to(scorer.images.device)]
+        train.predict(  # eval mode: BN uses the mixed running stats; dropout off
+            scorer.model,
+            images,
+            scorer.mean,
+            scorer.std,
+            len(images),
+            rt.device,
+            rt.amp,
+            rt.channels_last,
+            forward=mixed_forward,
         )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batch.pop("loss").backward()
         opt.step()
     return logits.detach().softmax(0).cpu().tolist()
 
@@ -732,41 +753,44 @@ def short_names(paths: Sequence[str]) -> list[str]:
     return [os.path.relpath(f, base) for f in full]
 
 
-def individual_row(info: dict, m: dict) -> dict:
+def individual_row(info: Ingredient, m: dict) -> dict:
     """One line of individual.jsonl: path, held-out metrics, grid point and seed."""
-    targs = info["meta"].get("args") or {}
-    row = {"path": info["path"], **{f"val_{k}": v for k, v in m.items()}}
+    targs = info.meta.args
+    row = {"path": info.path, **_val(m)}
     if "i" in targs:
         row["i"] = targs["i"]
     if "random_seed" in targs:
         row["seed"] = targs["random_seed"]
-    grid = {k: targs[k] for k in GRID_KEYS if k in targs}
+    grid = {k: targs[k] for k in finetune.GRID_KEYS if k in targs}
     if grid:
         row["grid"] = grid
-    if "val_acc" in info["metrics"]:
-        row["recorded_val_acc"] = info["metrics"]["val_acc"]
+    if "val_acc" in info.meta.metrics:
+        row["recorded_val_acc"] = info.meta.metrics["val_acc"]
     return row
 
 
-def save_soup(path: Path, sd: dict, ref: dict, soup: dict, m: dict, args) -> None:
-    """A soup checkpoint in our format: the ingredients' meta + what went in and its metrics."""
-    meta = dict(ref["meta"])
-    meta["metrics"] = {f"val_{k}": v for k, v in m.items()}
-    meta["soup"] = {**soup, "bn_recalib": args.bn_recalib, "args": jsonable(vars(args))}
-    models.save_checkpoint(path, sd, meta)
+def soup_meta(used: Sequence[Ingredient], soup: dict, m: dict, args) -> models.CheckpointMeta:
+    """The metadata of a soup: its first ingredient's, with the training args of the
+    ingredients actually in it (their augmentations: those every one of them was trained with,
+    so infer.py's rot90 guard reads the truth), what went in, and its held-out metrics."""
+    first = used[0].meta
+    targs = dict(first.args)
+    augs = [data._aug_names(i.meta.args.get("aug") or "") for i in used]
+    if any(a != augs[0] for a in augs[1:]):
+        shared = [a for a in augs[0] if all(a in b for b in augs[1:])]
+        targs["aug"] = ",".join(shared) or "none"
+    record = {
+        **soup,
+        "bn_recalib": args.bn_recalib,
+        "args": jsonable(vars(args)),
+        "ingredient_args": [jsonable(i.meta.args) for i in used],
+    }
+    return replace(first, args=targs, metrics=_val(m), extra={"soup": record})
 
 
-def plot_soup(path: Path, names: list[str], accs: list[float], kept: set, soups: dict) -> None:
+def plot_soup(path, names: list[str], accs: list[float], kept: set, soups: dict) -> None:
     """soup.png: each ingredient's held-out accuracy (by rank) and the soups as lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError(
-            "--plot needs matplotlib (pip install matplotlib), or drop --plot"
-        ) from None
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     order = sorted(range(len(accs)), key=lambda i: -accs[i])
@@ -790,16 +814,30 @@ def plot_soup(path: Path, names: list[str], accs: list[float], kept: set, soups:
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(
+            "--plot needs matplotlib (pip install matplotlib), or drop --plot"
+        ) from None
+    return plt
 
 
 # ---------------------------------------------------------------------------
 # The run, step by step
 
 
-def gather_ingredients(args) -> list[dict]:
+def gather_ingredients(args) -> list[Ingredient]:
     """Expand --ingredients and check them all (before any averaging); warn on mixed starts."""
     paths = expand_ingredients(args.ingredients)
     infos = [read_ingredient(p) for p in progress(paths, args.quiet, desc="check")]
@@ -810,7 +848,7 @@ def gather_ingredients(args) -> list[dict]:
 
 
 def score_and_average(
-    paths: list[str], names: list[str], scorer: Scorer, args
+    paths: list[str], names: list[str], scorer: Scorer, args, key: str
 ) -> tuple[list[dict], dict | None]:
     """One streamed pass: held-out metrics of each ingredient and/or their uniform average."""
     scores: list[dict] = []
@@ -822,7 +860,7 @@ def score_and_average(
             if need_scores:
                 m = scorer.score(sd, recalib=False)  # an ingredient keeps its own BN stats
                 scores.append(m)
-                print(f"  [{i + 1}/{len(paths)}] {names[i]}: {_fmt_metrics(m, args.metric)}")
+                print(f"  [{i + 1}/{len(paths)}] {names[i]}: {_fmt_metrics(m, key)}")
             yield sd
 
     if args.uniform:
@@ -833,18 +871,17 @@ def score_and_average(
     return scores, None
 
 
-def make_greedy(paths, names, scores, scorer: Scorer, args) -> tuple[dict, dict, list, dict]:
+def make_greedy(paths, names, scores, scorer: Scorer, args, key: str):
     """Greedy soup in --greedy-order: (state dict to save, its metrics, step log, soup record)."""
-    order = greedy_order(scores, args.greedy_order, args.seed, args.metric)
-    metric = args.metric
+    order = greedy_order(scores, args.greedy_order, args.seed, key)
 
     def on_step(row):
         name = names[paths.index(row["candidate"])]
         verdict = "start" if row["step"] == 0 else ("kept" if row["accepted"] else "dropped")
         print(
-            f"  greedy {row['step']}: {verdict:7s} {name} (tried val_{metric} "
-            f"{row[f'val_{metric}']:.4f}; soup of {row['n_kept']}: "
-            f"{row[f'soup_val_{metric}']:.4f})"
+            f"  greedy {row['step']}: {verdict:7s} {name} (tried val_{key} "
+            f"{row[f'val_{key}']:.4f}; soup of {row['n_kept']}: "
+            f"{row[f'soup_val_{key}']:.4f})"
         )
 
     sd, kept, steps = greedy_soup(
@@ -852,7 +889,7 @@ def make_greedy(paths, names, scores, scorer: Scorer, args) -> tuple[dict, dict,
         scorer.score,
         start_metrics=scores[order[0]],
         strict=args.greedy_strict,
-        metric=metric,
+        metric=key,
         on_step=on_step,
     )
     m = {k[len("soup_val_") :]: v for k, v in steps[-1].items() if k.startswith("soup_val_")}
@@ -869,51 +906,73 @@ def make_greedy(paths, names, scores, scorer: Scorer, args) -> tuple[dict, dict,
     return sd, m, steps, info
 
 
-def _fmt_metrics(m: dict, metric: str) -> str:
-    return f"val_{metric} {m[metric]:.4f}  val_loss {m['loss']:.4f}"
+def _fmt_metrics(m: dict, key: str) -> str:
+    return f"val_{key} {m[key]:.4f}  val_loss {m['loss']:.4f}"
 
 
 def _val(m: dict) -> dict:
     return {f"val_{k}": v for k, v in m.items()}
 
 
-def summary_table(results: dict[str, dict], metric: str, best_name: str | None) -> str:
+def summary_table(results: dict[str, dict], key: str, best_name: str | None) -> str:
     """Best ingredient and each soup: score, delta vs the best ingredient, ingredients used."""
-    best = results["best ingredient"]["metrics"][metric] if best_name else float("nan")
+    best = results["best ingredient"]["metrics"][key] if best_name else float("nan")
     rows = []
     for name, r in results.items():
         label = f"best ingredient ({best_name})" if name == "best ingredient" else name
-        x = r["metrics"][metric]
+        x = r["metrics"][key]
         delta = f"{x - best:+.4f}" if math.isfinite(best) else "-"
         rows.append([label, x, delta, r["metrics"]["loss"], r["used"]])
-    return format_table(rows, ["model", f"val_{metric}", "vs best", "val_loss", "ingredients"])
+    return format_table(rows, ["model", f"val_{key}", "vs best", "val_loss", "ingredients"])
+
+
+def check_run(args, infos: list[Ingredient]) -> None:
+    """Everything about the flags and the ingredients that can fail, before any work."""
+    meta = infos[0].meta
+    if args.metric == "macro-f1" and meta.multi_label:
+        raise UserError("--metric macro-f1 is for single-label data; use --metric accuracy")
+    if args.learned and meta.task == "rotation":
+        raise UserError("--learned needs a classifier; drop it for rotation checkpoints")
+    out = Path(args.out)
+    check_writable_dir(out)
+    ensure_new_output(out, "summary.json", args.overwrite)
+    inputs = [("--ingredients", i.path) for i in infos]
+    inputs += [("--holdout", args.holdout), ("--config", args.config)]
+    refuse_output_on_input([("--out", out / f) for f in OUTPUTS], inputs)
+    if args.plot:
+        _pyplot()
 
 
 def run(args) -> dict:
     """Check, score and mix the ingredients per args; write the outputs; return the summary."""
     if not (args.eval_individual or args.uniform or args.greedy or args.learned or args.plot):
         raise UserError("nothing to do: add --eval-individual, --uniform, --greedy or --learned")
-    if args.bn_recalib < 0 or args.batch_size < 2 or args.eval_batch_size < 1:
-        raise UserError("--bn-recalib must be >= 0, --batch-size >= 2, --eval-batch-size >= 1")
     start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rt = models.setup_runtime(args)
     infos = gather_ingredients(args)
-    ref, paths, n, metric = infos[0], [i["path"] for i in infos], len(infos), args.metric
-    if metric == "f1" and ref["meta"].get("multi_label"):
-        raise UserError("--metric f1 is for single-label data; use --metric acc")
-    if args.learned and ref["meta"].get("task") == "rotation":
-        raise UserError("--learned needs a classifier; drop it for rotation checkpoints")
+    check_run(args, infos)
     out = Path(args.out)
-    ensure_new_output(out, "summary.json", args.overwrite)
-    for name in OUTPUTS if args.overwrite else ():
-        (out / name).unlink(missing_ok=True)
-
-    device = models.resolve_device(args.device)
-    held, held_desc = load_holdout(args, ref)
-    scorer = Scorer(
-        ref, held, args, device, bn_images(args, ref, device) if args.bn_recalib else None
+    with DirLock(out):
+        summary, table, written, passes, n_held = _make_soups(args, infos, rt, out, start)
+        if args.overwrite:  # outputs of a past run that this one did not write
+            for name in OUTPUTS:
+                if name not in written:
+                    (out / name).unlink(missing_ok=True)
+    if table:
+        print(table)
+    print(
+        f"wrote {out}/{{{','.join(written)}}}; {passes} held-out passes over {n_held} images "
+        f"in {summary['seconds']:.1f}s"
     )
+    return summary
+
+
+def _make_soups(args, infos: list[Ingredient], rt, out: Path, start: float):
+    """Score and mix; every output staged in one transaction committed at the end."""
+    ref, paths, n, key = infos[0], [i.path for i in infos], len(infos), METRIC_KEYS[args.metric]
+    held, held_desc = load_holdout(args, ref)
+    bn = bn_images(args, ref, rt.device) if args.bn_recalib else None
+    scorer = Scorer(ref, held, args, rt, bn)
     if scorer.bn is not None and not any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in scorer.model.modules()
     ):
@@ -924,92 +983,102 @@ def run(args) -> dict:
     names = short_names(paths)
     bn_note = f", BN re-estimated on {args.bn_recalib} batches" if scorer.bn is not None else ""
     print(
-        f"soup of {n} ingredient(s) ({ref['meta']['arch']}) on {device}; held-out: "
-        f"{held_desc}; metric {metric}{bn_note}"
+        f"soup of {n} ingredient(s) ({ref.meta.arch}) on {rt.device}; held-out: "
+        f"{held_desc}; metric {args.metric}{bn_note}"
     )
-    summary: dict = {"n_ingredients": n, "holdout": held_desc, "metric": metric}
+    summary: dict = {"n_ingredients": n, "holdout": held_desc, "metric": args.metric}
     results: dict[str, dict] = {}  # table rows: name -> {"metrics", "used"}
+    by_path = dict(zip(paths, infos))
+    with Outputs() as o:
+        written = []
 
-    # 1. One streamed pass over the ingredients: scores and the uniform average.
-    with Timer() as t:
-        scores, uniform_sd = score_and_average(paths, names, scorer, args)
-    summary["individual_seconds"] = round(t.seconds, 3)
-    best_name = None
-    if scores:
-        write_jsonl(out / "individual.jsonl", [individual_row(i, m) for i, m in zip(infos, scores)])
-        b = greedy_order(scores, "accuracy", metric=metric)[0]
-        best_name = names[b]
-        results["best ingredient"] = {"metrics": scores[b], "used": 1}
-        summary["best_ingredient"] = {"path": paths[b], **_val(scores[b])}
+        def stage(name: str) -> str:
+            written.append(name)
+            return o.path(out / name)
 
-    # 2. Uniform soup.
-    if uniform_sd is not None:
-        m = scorer.score(uniform_sd)
-        if scorer.bn is not None:
-            uniform_sd = scorer.state(uniform_sd)  # with the re-estimated BN stats
-        info = {"method": "uniform", "ingredients": paths, "weights": [1.0 / n] * n}
-        save_soup(out / "uniform_soup.pt", uniform_sd, ref, info, m, args)
-        del uniform_sd
-        results["uniform soup"] = {"metrics": m, "used": f"{n}/{n}"}
-        summary["uniform"] = {**_val(m), "path": str(out / "uniform_soup.pt")}
-
-    # 3. Greedy soup.
-    kept: list[str] = []
-    if args.greedy:
+        # 1. One streamed pass over the ingredients: scores and the uniform average.
         with Timer() as t:
-            sd, m, steps, info = make_greedy(paths, names, scores, scorer, args)
-        write_jsonl(out / "greedy.jsonl", steps)
-        save_soup(out / "greedy_soup.pt", sd, ref, info, m, args)
-        del sd
-        kept = info["ingredients"]
-        results["greedy soup"] = {"metrics": m, "used": f"{len(kept)}/{n}"}
-        summary["greedy"] = {
-            **_val(m),
-            "kept": kept,
-            "n_kept": len(kept),
-            "path": str(out / "greedy_soup.pt"),
-            "seconds": round(t.seconds, 3),
-        }
+            scores, uniform_sd = score_and_average(paths, names, scorer, args, key)
+        summary["individual_seconds"] = round(t.seconds, 3)
+        best_name = None
+        if scores:
+            write_jsonl(
+                stage("individual.jsonl"), [individual_row(i, m) for i, m in zip(infos, scores)]
+            )
+            b = greedy_order(scores, "accuracy", metric=key)[0]
+            best_name = names[b]
+            results["best ingredient"] = {"metrics": scores[b], "used": 1}
+            summary["best_ingredient"] = {"path": paths[b], **_val(scores[b])}
 
-    # 4. Learned soup (optional): weights fitted on the held-out set, so its score is optimistic.
-    if args.learned:
-        weights = learned_weights(paths, scorer, args)
-        sd = average_state_dicts((models.load_state_dict_file(p) for p in paths), weights)
-        m = scorer.score(sd)
-        if scorer.bn is not None:
-            sd = scorer.state(sd)
-        info = {"method": "learned", "ingredients": paths, "weights": weights}
-        save_soup(out / "learned_soup.pt", sd, ref, info, m, args)
-        del sd
-        results["learned soup (fit on held-out)"] = {"metrics": m, "used": f"{n}/{n}"}
-        summary["learned"] = {**_val(m), "weights": weights, "path": str(out / "learned_soup.pt")}
+        # 2. Uniform soup.
+        if uniform_sd is not None:
+            m = scorer.score(uniform_sd)
+            if scorer.bn is not None:
+                uniform_sd = scorer.state(uniform_sd)  # with the re-estimated BN stats
+            info = {"method": "uniform", "ingredients": paths, "weights": [1.0 / n] * n}
+            models.save_checkpoint(
+                stage("uniform_soup.pt"), uniform_sd, soup_meta(infos, info, m, args)
+            )
+            del uniform_sd
+            results["uniform soup"] = {"metrics": m, "used": f"{n}/{n}"}
+            summary["uniform"] = {**_val(m), "path": str(out / "uniform_soup.pt")}
 
-    if args.plot:
-        soups = {k: r["metrics"]["acc"] for k, r in results.items() if k != "best ingredient"}
-        kept_names = {names[paths.index(p)] for p in kept}
-        plot_soup(out / "soup.png", names, [s["acc"] for s in scores], kept_names, soups)
+        # 3. Greedy soup.
+        kept: list[str] = []
+        if args.greedy:
+            with Timer() as t:
+                sd, m, steps, info = make_greedy(paths, names, scores, scorer, args, key)
+            write_jsonl(stage("greedy.jsonl"), steps)
+            kept = info["ingredients"]
+            meta = soup_meta([by_path[p] for p in kept], info, m, args)
+            models.save_checkpoint(stage("greedy_soup.pt"), sd, meta)
+            del sd
+            results["greedy soup"] = {"metrics": m, "used": f"{len(kept)}/{n}"}
+            summary["greedy"] = {
+                **_val(m),
+                "kept": kept,
+                "n_kept": len(kept),
+                "path": str(out / "greedy_soup.pt"),
+                "seconds": round(t.seconds, 3),
+            }
 
-    # 5. Summary: table on stdout and summary.json.
-    if best_name:
-        best = scores[paths.index(summary["best_ingredient"]["path"])][metric]
-        for key in ("uniform", "greedy", "learned"):
-            if key in summary:
-                summary[key]["delta_vs_best"] = summary[key][f"val_{metric}"] - best
-    seconds = time.perf_counter() - start
-    summary.update(
-        bn_recalib=args.bn_recalib if scorer.bn is not None else 0,
-        evaluations=scorer.passes,
-        seconds=round(seconds, 3),
-    )
-    write_json(out / "summary.json", summary)
-    if results:
-        print(summary_table(results, metric, best_name))
-    wrote = ",".join(f for f in OUTPUTS if (out / f).exists())
-    print(
-        f"wrote {out}/{{{wrote}}}; {scorer.passes} held-out passes over {len(held)} images "
-        f"in {seconds:.1f}s"
-    )
-    return summary
+        # 4. Learned soup (optional): weights fitted on the held-out set, so its score is optimistic.
+        if args.learned:
+            weights = learned_weights(paths, scorer, args)
+            sd = average_state_dicts((models.load_state_dict_file(p) for p in paths), weights)
+            m = scorer.score(sd)
+            if scorer.bn is not None:
+                sd = scorer.state(sd)
+            info = {"method": "learned", "ingredients": paths, "weights": weights}
+            models.save_checkpoint(stage("learned_soup.pt"), sd, soup_meta(infos, info, m, args))
+            del sd
+            results["learned soup (fit on held-out)"] = {"metrics": m, "used": f"{n}/{n}"}
+            summary["learned"] = {
+                **_val(m),
+                "weights": weights,
+                "path": str(out / "learned_soup.pt"),
+            }
+
+        if args.plot:
+            soups = {k: r["metrics"]["acc"] for k, r in results.items() if k != "best ingredient"}
+            kept_names = {names[paths.index(p)] for p in kept}
+            plot_soup(stage("soup.png"), names, [s["acc"] for s in scores], kept_names, soups)
+
+        # 5. Summary: summary.json (and the table the caller prints).
+        if best_name:
+            best = scores[paths.index(summary["best_ingredient"]["path"])][key]
+            for k in ("uniform", "greedy", "learned"):
+                if k in summary:
+                    summary[k]["delta_vs_best"] = summary[k][f"val_{key}"] - best
+        summary.update(
+            bn_recalib=args.bn_recalib if scorer.bn is not None else 0,
+            evaluations=scorer.passes,
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        o.json(out / "summary.json", summary)
+        written.append("summary.json")
+    table = summary_table(results, key, best_name) if results else ""
+    return summary, table, [f for f in OUTPUTS if f in written], scorer.passes, len(held)
 
 
 def main(argv=None):

@@ -493,6 +493,7 @@ def _probs(d: Path, name: str, ids: list[str], k: int) -> Path:
     p = np.full((len(ids), k), 1.0 / k, np.float32)
     np.save(d / f"{name}.npy", p)
     (d / f"{name}.ids.txt").write_text("".join(i + "\n" for i in ids))
+    (d / f"{name}.meta.json").write_text('{"multi_label": false}')  # vote.py never guesses
     return d / f"{name}.npy"
 
 

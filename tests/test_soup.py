@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,13 +45,16 @@ def test_average_is_exact_with_weights_and_dtypes():
     torch.testing.assert_close(
         avg["d"], torch.tensor([0.7 / 3], dtype=torch.float64), rtol=0, atol=1e-15
     )
-    assert avg["bn.num_batches_tracked"].item() == 7  # integer buffers: from the first
+    # integer buffers (models.interpolate_state): those of the last state dict with a weight
+    assert avg["bn.num_batches_tracked"].item() == 8
 
     wavg = soup.average_state_dicts([a, b], weights=[1, 3])
     torch.testing.assert_close(wavg["w"], torch.tensor([2.5, 3.5, 4.5]))
     assert torch.equal(wavg["h"], torch.tensor([1.75, 3.5], dtype=torch.float16))
     zero_first = soup.average_state_dicts([a, b], weights=[0, 2])
-    assert torch.equal(zero_first["w"], b["w"])
+    assert torch.equal(zero_first["w"], b["w"]) and zero_first["bn.num_batches_tracked"] == 99
+    zero_last = soup.average_state_dicts([a, b], weights=[2, 0])
+    assert torch.equal(zero_last["w"], a["w"]) and zero_last["bn.num_batches_tracked"] == 7
     f64 = soup.average_state_dicts([a, b], acc_dtype=torch.float64)
     assert f64["w"].dtype == torch.float32 and torch.equal(f64["w"], torch.tensor([2.0, 3.0, 4.0]))
     assert torch.equal(a["w"], torch.tensor([1.0, 2.0, 3.0]))  # inputs untouched
@@ -108,7 +112,8 @@ def test_greedy_picks_the_scripted_subset(strict, kept):
     assert got == kept
     vals = [sds[p]["w"].item() for p in kept]
     assert sd["w"].item() == pytest.approx(sum(vals) / len(vals))
-    assert sd["n"].item() == 0 and sd["w"].dtype == torch.float32  # int buffer from the start
+    # integer buffers follow models.interpolate_state: the last kept ingredient's
+    assert sd["n"].item() == int(kept[-1][1:]) and sd["w"].dtype == torch.float32
     # each candidate is the running uniform average of the kept ones plus the new one
     assert tried[:2] == pytest.approx([1.5, 2.0])
     assert [s["accepted"] for s in steps] == [True] + [p in kept for p in list(sds)[1:]]
@@ -337,3 +342,111 @@ def test_cli_needs_a_mode(ing, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_soup(ing, tmp_path / "o")
     assert e.value.code == 2 and "nothing to do" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Guarantees: one output transaction, outputs never on inputs, the soup's own training args
+
+
+def _exit2(fn, capsys):
+    with pytest.raises(SystemExit) as e:
+        fn()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err, err
+    return err[-1]
+
+
+def test_seed_flags_and_greedy_records_the_kept_ingredients_args(ing, tmp_path):
+    seed = next(s for s in range(50) if soup.greedy_order([{}] * 4, "random", seed=s)[0] != 0)
+    order = soup.greedy_order([{}] * 4, "random", seed=seed)
+    out = tmp_path / "s"
+    run_soup(ing, out, "--eval-individual-models", "--uniform-soup", "--greedy-soup", "--plot",
+             "--greedy-order", "random", "--seed", str(seed), "--metric", "macro-f1")  # fmt: skip
+    assert all((out / f).exists() for f in ("individual.jsonl", "uniform_soup.pt", "soup.png"))
+    ck = models.load_checkpoint(out / "greedy_soup.pt")
+    kept = ck["soup"]["ingredients"]
+    assert kept[0] == str(ing.paths[order[0]])  # the start: not the first file (i0)
+    assert ck["args"]["i"] == order[0] != 0
+    assert [a["i"] for a in ck["soup"]["ingredient_args"]] == [
+        int(Path(p).parent.name[1]) for p in kept
+    ]
+    uni = models.load_checkpoint(out / "uniform_soup.pt")
+    assert [a["i"] for a in uni["soup"]["ingredient_args"]] == [0, 1, 2, 3]
+
+
+def test_soup_meta_keeps_only_the_augmentations_all_ingredients_had(ing):
+    base = soup.read_ingredient(ing.paths[0])
+    a = base._replace(meta=replace(base.meta, args={**base.meta.args, "aug": "flip,rot90", "i": 2}))
+    b = base._replace(meta=replace(base.meta, args={**base.meta.args, "aug": ["rot90"], "i": 4}))
+    args = soup.build_parser().parse_args(["--ingredients", "x"])
+    meta = soup.soup_meta([a, b], {"method": "greedy"}, {"acc": 0.5, "loss": 1.0}, args)
+    assert meta.args["aug"] == "rot90" and meta.args["i"] == 2
+    assert (
+        meta.metrics == {"val_acc": 0.5, "val_loss": 1.0}
+        and meta.extra["soup"]["method"] == "greedy"
+    )
+    c = b._replace(meta=replace(b.meta, args={**b.meta.args, "aug": "flip"}))
+    assert soup.soup_meta([a, c], {}, {}, args).args["aug"] == "flip"
+    d = b._replace(meta=replace(b.meta, args={**b.meta.args, "aug": "crop"}))
+    assert soup.soup_meta([a, d], {}, {}, args).args["aug"] == "none"
+
+
+def test_mean_std_check_has_a_tolerance(ing):
+    base = soup.read_ingredient(ing.paths[0])
+    near = base._replace(meta=replace(base.meta, mean=[m + 1e-9 for m in base.meta.mean]))
+    far = base._replace(meta=replace(base.meta, std=[s + 0.05 for s in base.meta.std]))
+    assert not [w for w in soup.start_warnings([base, near]) if "mean/std" in w]
+    assert any("mean/std" in w for w in soup.start_warnings([base, far]))
+
+
+def test_failing_plot_leaves_the_previous_soup(ing, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s"
+    run_soup(ing, out, "--uniform", "--greedy")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def broken(*a, **k):
+        raise soup.UserError("soup.png: cannot write (disk full?)")
+
+    monkeypatch.setattr(soup, "plot_soup", broken)
+    err = _exit2(lambda: run_soup(ing, out, "--uniform", "--plot", "--overwrite"), capsys)
+    assert "soup.png" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing replaced
+    fresh = tmp_path / "fresh"
+    _exit2(lambda: run_soup(ing, fresh, "--uniform", "--plot"), capsys)
+    assert not fresh.exists() or not [f for f in fresh.iterdir() if not f.name.startswith(".")]
+
+
+def test_out_holding_an_ingredient_is_refused(ing, tmp_path, capsys):
+    out = tmp_path / "s"
+    out.mkdir()
+    inside = out / "uniform_soup.pt"
+    inside.write_bytes(ing.paths[1].read_bytes())
+    err = _exit2(
+        lambda: run_soup(ing, out, "--uniform", ingredients=[ing.paths[0], inside]), capsys
+    )
+    assert "is the input --ingredients" in err
+    assert inside.read_bytes() == ing.paths[1].read_bytes()
+
+
+@pytest.mark.parametrize(
+    "flag,value,words",
+    [
+        ("--bn-recalib", "-1", ">= 0"),
+        ("--batch-size", "1", ">= 2"),
+        ("--learned-lr", "0", "> 0"),
+        ("--learned-steps", "0", ">= 1"),
+        ("--eval-batch-size", "nan", "not a whole number"),
+        ("--metric", "auc", "accuracy"),
+        ("--seed", "-1", "out of range"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors(tmp_path, capsys, flag, value, words):
+    argv = ["--ingredients", "x.pt", "--uniform", flag, value, "--out", str(tmp_path / "o")]
+    err = _exit2(lambda: soup.main(argv), capsys)
+    assert flag in err and words in err
+
+
+def test_directory_as_ingredient_says_so(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    argv = ["--ingredients", str(tmp_path / "run"), "--uniform", "--out", str(tmp_path / "o")]
+    assert "is a directory" in _exit2(lambda: soup.main(argv), capsys)
