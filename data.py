@@ -2030,6 +2030,45 @@ def batch_indices(
 
 
 # ---------------------------------------------------------------------------
+# Geometric ops, the one set: batched augmentation below and infer.py's TTA views (and their
+# inverses) use these. x is N x C x H x W (any device); k, dy, dx are ints or one per image.
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right."""
+    return x.flip(-1)
+
+
+def vflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror top-bottom."""
+    return x.flip(-2)
+
+
+def rot90(x: torch.Tensor, k) -> torch.Tensor:
+    """Rotate by k*90 degrees counter-clockwise (torch.rot90 on the last two dims); square
+    images when k differs per image."""
+    if isinstance(k, int):
+        return torch.rot90(x, k, (-2, -1))
+    return _rot90_each(x, k)
+
+
+def shift(x: torch.Tensor, dy, dx, pad: int | None = None, mode: str = "reflect") -> torch.Tensor:
+    """Move the content by (dy, dx) pixels, filling from a `mode` padding of `pad` pixels (default:
+    the largest shift); reflect becomes replicate where the image is not larger than the pad."""
+    if isinstance(dy, int) and isinstance(dx, int):
+        h, w = x.shape[-2:]
+        p = max(abs(dy), abs(dx)) if pad is None else pad
+        if p == 0:
+            return x
+        mode = "replicate" if mode == "reflect" and p >= min(h, w) else mode
+        xp = F.pad(x, (p, p, p, p), mode=mode)
+        return xp[..., p - dy : p - dy + h, p - dx : p - dx + w]
+    dy, dx = torch.as_tensor(dy), torch.as_tensor(dx)
+    p = int(max(dy.abs().max(), dx.abs().max())) if pad is None else pad
+    return _translate(x, -dy, -dx, p, mode)
+
+
+# ---------------------------------------------------------------------------
 # Batched augmentation: per-sample random parameters drawn on the CPU generator, applied with
 # whole-batch tensor ops on x's device (no Python loop over images).
 
@@ -2043,7 +2082,8 @@ def _coin(n: int, g: torch.Generator, device, p: float = 0.5) -> torch.Tensor:
 
 
 def _translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int, mode: str):
-    """Shift each image by its own (dy, dx) in [-pad, pad], filling from a `mode` padding."""
+    """Image i sampled at (r + dy[i], c + dx[i]), |d| <= pad, from a `mode` padding (shift's
+    per-image path: its content moves by (-dy, -dx))."""
     n, c, h, w = x.shape
     if mode == "reflect" and pad >= min(h, w):
         mode = "replicate"
@@ -2075,11 +2115,11 @@ def _need_square(x: torch.Tensor, what: str) -> None:
 
 
 def _aug_flip(x, g, pad):
-    return torch.where(_coin(len(x), g, x.device), x.flip(3), x)
+    return torch.where(_coin(len(x), g, x.device), hflip(x), x)
 
 
 def _aug_vflip(x, g, pad):
-    return torch.where(_coin(len(x), g, x.device), x.flip(2), x)
+    return torch.where(_coin(len(x), g, x.device), vflip(x), x)
 
 
 def _aug_crop(x, g, pad):
@@ -2088,12 +2128,12 @@ def _aug_crop(x, g, pad):
     n = len(x)
     dy = torch.randint(-pad, pad + 1, (n,), generator=g)
     dx = torch.randint(-pad, pad + 1, (n,), generator=g)
-    return _translate(x, dy, dx, pad, "reflect")
+    return shift(x, -dy, -dx, pad, "reflect")  # -: the draws of earlier versions, same images
 
 
 def _aug_rot90(x, g, pad):
     _need_square(x, "rot90")
-    return _rot90_each(x, torch.randint(0, 4, (len(x),), generator=g))
+    return rot90(x, torch.randint(0, 4, (len(x),), generator=g))
 
 
 def _aug_randaug(x, g, pad):
@@ -2108,7 +2148,7 @@ def _aug_randaug(x, g, pad):
     x = torch.where(on_b, x + b, x)
     mu = x.mean((1, 2, 3), keepdim=True)
     x = torch.where(on_c, (x - mu) * c + mu, x)
-    return torch.where(on_t, _translate(x, dy, dx, m, "replicate"), x)
+    return torch.where(on_t, shift(x, -dy, -dx, m, "replicate"), x)
 
 
 def _aug_cutout(x, g, pad):
@@ -2203,7 +2243,7 @@ def mix_batch(
 def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RotNet batch: x rotated by 0, 90, 180, 270 degrees (4N, grouped by k) and labels k."""
     _need_square(x, "rotation")
-    xs = [x, torch.rot90(x, 1, (2, 3)), torch.rot90(x, 2, (2, 3)), torch.rot90(x, 3, (2, 3))]
+    xs = [rot90(x, k) for k in range(4)]
     y = torch.arange(4, device=x.device).repeat_interleave(len(x))
     return torch.cat(xs), y
 

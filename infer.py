@@ -57,7 +57,8 @@ SPLIT_CHOICES = ("auto", *data.SPLITS)
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 
 # ---------------------------------------------------------------------------
-# TTA views: (augment, de-augment) pairs of functions on an N x C x H x W batch. For classifiers
+# TTA views: (augment, de-augment) pairs of functions on an N x C x H x W batch, built from
+# data.py's geometric ops (hflip, vflip, rot90, shift: the ones augmentation uses). For classifiers
 # the output is N x K logits, so the de-augment is the identity there; it maps spatial outputs
 # (N x K x H x W, e.g. segmentation) back to the input frame, and the tests check it inverts
 # the augment.
@@ -74,32 +75,6 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 IDENTITY = View("id", _identity, _identity)
-
-
-def hflip(x: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right."""
-    return x.flip(-1)
-
-
-def vflip(x: torch.Tensor) -> torch.Tensor:
-    """Mirror top-bottom."""
-    return x.flip(-2)
-
-
-def rot90(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Rotate by k*90 degrees counter-clockwise (square images)."""
-    return torch.rot90(x, k, (-2, -1))
-
-
-def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Move the content by (dy, dx) pixels, filling from a reflect padding (airbench TTA)."""
-    h, w = x.shape[-2:]
-    p = max(abs(dy), abs(dx))
-    if p == 0:
-        return x
-    mode = "reflect" if p < min(h, w) else "replicate"
-    xp = F.pad(x, (p, p, p, p), mode=mode)
-    return xp[..., p - dy : p - dy + h, p - dx : p - dx + w]
 
 
 def affine(x: torch.Tensor, a: float, ty: float = 0.0, tx: float = 0.0) -> torch.Tensor:
@@ -125,12 +100,12 @@ def _affine_view(name: str, a: float, ty: float = 0.0, tx: float = 0.0) -> View:
 def _named_views(name: str, shift_px: int, scale: float, crop_ratio: float) -> list[View]:
     """The views one --tta name stands for (identity included where it is one of them)."""
     if name == "flip":
-        return [IDENTITY, View("hflip", hflip, hflip)]
+        return [IDENTITY, View("hflip", data.hflip, data.hflip)]
     if name == "vflip":
-        return [IDENTITY, View("vflip", vflip, vflip)]
+        return [IDENTITY, View("vflip", data.vflip, data.vflip)]
     if name == "rot90":
         return [IDENTITY] + [
-            View(f"rot{90 * k}", lambda x, k=k: rot90(x, k), lambda y, k=k: rot90(y, -k))
+            View(f"rot{90 * k}", lambda x, k=k: data.rot90(x, k), lambda y, k=k: data.rot90(y, -k))
             for k in (1, 2, 3)
         ]
     if name == "shift":  # airbench: the image and its two diagonal 1-px translations
@@ -138,8 +113,8 @@ def _named_views(name: str, shift_px: int, scale: float, crop_ratio: float) -> l
         return [IDENTITY] + [
             View(
                 f"shift({d:+d},{d:+d})",
-                lambda x, d=d: shift(x, d, d),
-                lambda y, d=d: shift(y, -d, -d),
+                lambda x, d=d: data.shift(x, d, d),
+                lambda y, d=d: data.shift(y, -d, -d),
             )
             for d in (p, -p)
         ]

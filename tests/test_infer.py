@@ -434,3 +434,20 @@ def test_directory_as_checkpoint_says_so(tmp_path, tiny_idx, capsys):
     (tmp_path / "run").mkdir()
     code, err = run_cli([str(tmp_path / "run"), "--data", str(tiny_idx)], capsys)
     assert code == 2 and "is a directory" in err
+
+
+def test_tta_views_use_the_augmentation_ops_of_data_py():
+    x = rand_images(4, size=12).float()
+    views = {v.name: v for v in infer.tta_views("flip,rot90,shift")}
+    assert views["hflip"].augment is data.hflip
+    assert torch.equal(views["rot90"].augment(x), data.rot90(x, 1))
+    # one shift: the same result for a whole-batch shift and for per-image shifts
+    for dy, dx in ((1, -2), (-3, 0), (2, 2)):
+        n = len(x)
+        per_image = data.shift(x, torch.full((n,), dy), torch.full((n,), dx))
+        assert torch.equal(data.shift(x, dy, dx), per_image)
+        assert torch.equal(
+            data.shift(x, dy, dx)[..., 3:-3, 3:-3], x[..., 3 - dy : 9 - dy, 3 - dx : 9 - dx]
+        )
+    k = torch.tensor([0, 1, 2, 3])
+    assert all(torch.equal(data.rot90(x, k)[i], data.rot90(x[i : i + 1], i)[0]) for i in range(4))
