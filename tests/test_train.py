@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,204 @@ def test_resume_with_other_model_refused(tiny_idx, tmp_path, capsys):
         run(tiny_idx, tmp_path, *common, "--resume", "--model", "smallnet")
     assert e.value.code == 2
     assert "smallnet_s" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Issue 12: checked numbers, validation before side effects, staged --overwrite, resume
+# fingerprint, run-dir lock, --sync-bn, messages
+
+
+def one_line_exit_2(capsys, fn) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--epochs", "0"), ("--batch-size", "-1"), ("--eval-batch-size", "0"), ("--lr", "nan"),
+        ("--lr", "0"), ("--lr", "inf"), ("--momentum", "1"), ("--weight-decay", "-1e-4"),
+        ("--drop", "1"), ("--drop-path", "-0.1"), ("--clip-grad", "-1"), ("--mix-alpha", "0"),
+        ("--mix-prob", "1.5"), ("--labels-per-class", "0"), ("--img-size", "100000"),
+        ("--milestones", "half,0.75"), ("--milestones", "0.5,1.5"), ("--split-seed", "-1"),
+        ("--random-seed", "x"), ("--threads", "0"), ("--ema", "1"), ("--warmup-epochs", "inf"),
+        ("--accum-steps", "0"), ("--pad", "-1"), ("--val-ratio", "1"), ("--smoothing", "1"),
+        ("--gamma", "0"), ("--min-lr-ratio", "2"), ("--kfold", "-2"), ("--linear-epochs", "0"),
+        ("--in-chans", "2"), ("--amp", "fp8"),
+    ],
+)  # fmt: skip
+def test_bad_number_exit_2_before_anything(tiny_idx, tmp_path, capsys, flag, value):
+    err = one_line_exit_2(capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "1", flag, value))
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--eval-only", "a.pt", "--linear-eval", "b.pt"], "--eval-only and --linear-eval"),
+        (["--resume", "--overwrite"], "--resume and --overwrite"),
+        (["--kfold", "1"], "--kfold 1"),
+        (["--fold", "2"], "--fold 2: needs --kfold"),
+        (["--kfold", "3", "--fold", "3"], "0..2"),
+        (["--nonlinear"], "--linear-eval"),
+        (["--accum-steps", "9"], "--accum-steps 9"),  # 3 batches an epoch: no step would happen
+        (["--aug", "flip,nope"], "--aug nope"),
+        (["--device", "cpu", "--sync-bn"], "--sync-bn"),
+        (["--data", "/nonexistent/data"], "/nonexistent/data"),
+    ],
+)
+def test_bad_combination_exit_2_writes_nothing(tiny_idx, tmp_path, capsys, extra, needle):
+    err = one_line_exit_2(capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "1", *extra))
+    assert needle in err
+    assert not (tmp_path / "runs" / "r").exists()  # no run directory, no args.json
+
+
+def test_checkpoint_flag_given_a_directory(tiny_idx, tmp_path, capsys):
+    for flag in ("--eval-only", "--linear-eval", "--weights", "--resume"):
+        err = one_line_exit_2(capsys, lambda f=flag: run(tiny_idx, tmp_path, f, str(tmp_path)))
+        assert "is a directory" in err and "pass a checkpoint file such as" in err
+
+
+def snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_done(tiny_idx, tmp_path, capsys):
+    run(tiny_idx, tmp_path, "--epochs", "1")
+    d = tmp_path / "runs" / "r"
+    old = snapshot(d)
+    # bad inputs: nothing of the finished run is touched
+    for bad in (["--data", str(tmp_path / "typo")], ["--aug", "flipp"], ["--weights", "no.pt"]):
+        one_line_exit_2(capsys, lambda b=bad: run(tiny_idx, tmp_path, "--overwrite", *b))
+        assert snapshot(d) == old
+    # interrupted (as Ctrl-C) in its second epoch: the old run is exactly as it was
+    argv = ["--data", str(tiny_idx), "--out", str(tmp_path / "runs"), "--name", "r", *BASE]
+    args = train.build_parser().parse_args([*argv, "--epochs", "2", "--overwrite"])
+    with pytest.raises(SystemExit) as e:
+        train.fit(args, train.FitHooks(epoch_start=stop_at_epoch(1)))
+    assert e.value.code == 130 and "previous run" in capsys.readouterr().err
+    assert snapshot(d) == old
+    assert sorted(p.name for p in d.parent.iterdir()) == ["r"]  # no staging dir, no lock left
+    # a run that ends well replaces it as a whole
+    run(tiny_idx, tmp_path, "--epochs", "2", "--overwrite")
+    assert [r["epoch"] for r in rows(d / "metrics.jsonl")] == [1, 2]
+    assert (d / "best.pt").read_bytes() != old["best.pt"]
+    assert sorted(p.name for p in d.parent.iterdir()) == ["r"]
+
+
+def test_overwrite_refuses_a_directory_with_other_files(tiny_idx, tmp_path, capsys):
+    run(tiny_idx, tmp_path, "--epochs", "1")
+    (tmp_path / "runs" / "r" / "notes.txt").write_text("mine")
+    err = one_line_exit_2(capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "1", "--overwrite"))
+    assert "notes.txt" in err and (tmp_path / "runs" / "r" / "notes.txt").exists()
+
+
+def interrupted_run(tiny_idx, tmp_path, *extra):
+    argv = ["--data", str(tiny_idx), "--out", str(tmp_path / "runs"), "--name", "r", *BASE]
+    args = train.build_parser().parse_args([*argv, *extra])
+    with pytest.raises(SystemExit):
+        train.fit(args, train.FitHooks(epoch_start=stop_at_epoch(1)))
+
+
+def test_resume_with_changed_flags_lists_the_differences(tiny_idx, tmp_path, capsys):
+    interrupted_run(tiny_idx, tmp_path, "--epochs", "2")
+    capsys.readouterr()
+    last = (tmp_path / "runs" / "r" / "last.pt").read_bytes()
+    err = one_line_exit_2(
+        capsys,
+        lambda: run(
+            tiny_idx, tmp_path, "--epochs", "2", "--resume", "--lr", "0.1", "--batch-size", "16"
+        ),
+    )
+    assert "--lr 0.1 (was 0.2)" in err and "--batch-size 16 (was 32)" in err
+    assert "original flags" in err and "--name" in err
+    err = one_line_exit_2(capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "3", "--resume"))
+    assert "--epochs 3 (was 2)" in err  # onecycle: the schedule depends on the run's length
+    err = one_line_exit_2(
+        capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "2", "--resume", "--val-ratio", "0.2")
+    )
+    assert "train/val split" in err
+    assert (tmp_path / "runs" / "r" / "last.pt").read_bytes() == last
+    # runtime flags may change
+    run(tiny_idx, tmp_path, "--epochs", "2", "--resume", "--eval-batch-size", "7")
+    assert [r["epoch"] for r in rows(tmp_path / "runs" / "r" / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_with_more_epochs_on_a_constant_schedule(tiny_idx, tmp_path):
+    interrupted_run(tiny_idx, tmp_path, "--epochs", "2", "--sched", "constant")
+    summary = run(tiny_idx, tmp_path, "--epochs", "3", "--sched", "constant", "--resume")
+    assert summary["epochs"] == 3
+    assert [r["epoch"] for r in rows(tmp_path / "runs" / "r" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_from_a_best_pt_says_so(tiny_idx, tmp_path, capsys):
+    run(tiny_idx, tmp_path, "--epochs", "1", name="a")
+    best = str(tmp_path / "runs" / "a" / "best.pt")
+    err = one_line_exit_2(
+        capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "1", "--resume", best)
+    )
+    assert "no training state" in err and "last.pt" in err and "not 'smallnet_s'" not in err
+
+
+def test_second_command_on_a_run_is_refused_stale_lock_taken_over(tiny_idx, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    (tmp_path / "runs").mkdir()
+    lock = tmp_path / "runs" / ".r.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{holder.pid}\n")
+        err = one_line_exit_2(capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "1"))
+        assert f"pid {holder.pid}" in err and "--name" in err
+        assert not (tmp_path / "runs" / "r" / "args.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run(tiny_idx, tmp_path, "--epochs", "1")  # its holder is gone: the stale lock is taken over
+    assert (tmp_path / "runs" / "r" / "summary.json").exists() and not lock.exists()
+
+
+def test_nan_in_the_first_epoch_promises_no_checkpoint(tiny_idx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(losses, "build_loss", lambda *a, **k: lambda out, y: out.sum() * np.nan)
+    with pytest.raises(SystemExit) as e:
+        run(tiny_idx, tmp_path, "--epochs", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert "no checkpoint was written" in err[0] and "data" in err[0] and "--lr" in err[0]
+    assert not (tmp_path / "runs" / "r" / "last.pt").exists()
+
+
+def test_eval_only_and_linear_eval_honour_runtime_flags(tiny_idx, tmp_path, monkeypatch):
+    run(tiny_idx, tmp_path, "--epochs", "1")
+    ckpt = str(tmp_path / "runs" / "r" / "best.pt")
+    seen, real = [], models.autocast
+    monkeypatch.setattr(models, "autocast", lambda dev, amp: seen.append(amp) or real(dev, amp))
+    torch.set_num_threads(2)
+    try:
+        base = ["--data", str(tiny_idx), "--quiet", "--threads", "1", "--out", str(tmp_path)]
+        train.main([*base, "--eval-only", ckpt, "--amp", "bf16"])
+        assert torch.get_num_threads() == 1 and set(seen) == {"bf16"}
+        torch.set_num_threads(2)
+        seen.clear()
+        train.main([*base, "--linear-eval", ckpt, "--linear-epochs", "1", "--amp", "none"])
+        assert torch.get_num_threads() == 1 and seen and set(seen) == {"none"}
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_metrics_from_probs_hand_computed():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    m = train.metrics_from_probs(probs, torch.tensor([0, 1, 1, 2]), False)
+    # predictions 0,1,0,2: class F1 = 2/3 (tp 1, fp 1), 2/3 (tp 1, fn 1), 1
+    assert m["acc"] == 0.75 and m["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    nll = -(np.log(0.7) + np.log(0.8) + np.log(0.3) + np.log(0.6)) / 4
+    assert m["loss"] == pytest.approx(nll, rel=1e-5)
+    ml = train.metrics_from_probs(
+        torch.tensor([[0.9, 0.2], [0.6, 0.7]]), torch.tensor([[1, 0], [0, 1]]), True
+    )
+    assert ml["acc"] == 0.5 and ml["label_acc"] == 0.75
