@@ -307,9 +307,7 @@ def load_checkpoints(paths: Sequence[str], device) -> list[Member]:
 
 def trained_augs(meta: models.CheckpointMeta) -> list[str]:
     """The --aug names a checkpoint was trained with (from its recorded args)."""
-    aug = meta.args.get("aug") or ""
-    items = aug.split(",") if isinstance(aug, str) else list(aug)
-    return [str(a).strip().lower() for a in items if str(a).strip()]
+    return data._aug_names(meta.args.get("aug") or "")  # the parser training itself uses
 
 
 def check_tta(names: Sequence[str], ckpts: Sequence[Member], force: bool) -> None:

@@ -967,7 +967,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind",
         choices=["auto", *KINDS],
         default="auto",
-        help="submission format to write; auto: the inputs' format",
+        help="submission format to write (auto: the inputs' format); for probability files "
+        "without a .meta.json or a submission beside them, it also says single- or multi-label",
     )
     p.add_argument(
         "--return-probs",
