@@ -302,7 +302,7 @@ def test_torchrun_two_ranks_agree_and_rank0_writes(start, tmp_path):
     d = out / "ddp" / "i5_s0"
     assert finetune.state_hash(sd_of(d / "last.pt")) == hashes["0"]
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
-        ["args.json", "best.pt", "last.pt", "metrics.jsonl", "summary.json"]
+        ["args.json", "best.pt", "last.pt", "metrics.jsonl", "summary.csv", "summary.json"]
     )
     assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [
         1,
@@ -310,3 +310,76 @@ def test_torchrun_two_ranks_agree_and_rank0_writes(start, tmp_path):
     ]
     assert r.stdout.count("epoch   1/2") == 1  # only rank 0 reports epochs
     assert Path(d / "args.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# Issue 12/13: checked flags, verified --skip-existing, explicit hooks, one lock per ingredient
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--layer-decay", "0"], "--layer-decay"),
+        (["--wise-alpha", "1.5"], "--wise-alpha"),
+        (["--epoch-scale", "0"], "--epoch-scale"),
+        (["--lp-epochs", "-1"], "--lp-epochs"),
+        (["--lp-epochs", "3", "--epochs", "3"], "--lp-epochs 3"),
+        (["--skip-existing", "--overwrite"], "--skip-existing and --overwrite"),
+        (["--i", "-1"], "--i"),
+        (["--epochs", "0"], "--epochs"),
+    ],
+)
+def test_bad_finetune_flags_exit_2(start, tmp_path, capsys, extra, needle):
+    with pytest.raises(SystemExit) as e:
+        ft(start, tmp_path, *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_skip_existing_redoes_a_truncated_best_pt(start, tmp_path, capsys):
+    flags = ["--i", "7", "--epochs", "1", "--lr", "0.05", "--skip-existing"]
+    ft(start, tmp_path, *flags)
+    d = tmp_path / "runs" / "ft" / "i7_s0"
+    best = d / "best.pt"
+    best.write_bytes(best.read_bytes()[:200])  # a copy cut short
+    capsys.readouterr()
+    ft(start, tmp_path, *flags)
+    out = capsys.readouterr().out
+    assert "redo:" in out and "skip:" not in out
+    models.load_checkpoint(best)  # whole again
+    assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [1]
+    ft(start, tmp_path, *flags)
+    assert "skip:" in capsys.readouterr().out
+
+
+def test_ingredient_directory_is_locked(start, tmp_path, capsys):
+    import subprocess
+
+    lock = tmp_path / "runs" / "ft" / ".i1_s0.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{holder.pid}\n")
+        with pytest.raises(SystemExit) as e:
+            ft(start, tmp_path, "--i", "1", "--epochs", "1")
+        assert e.value.code == 2 and f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_fit_hooks_are_explicit(start):
+    with pytest.raises(TypeError):
+        train.FitHooks(epoch_strat=lambda e, m: None)  # a misspelt hook is an error, not ignored
+    args = finetune.parse_args(finetune.build_parser(), ["--i", "3", "--lp-epochs", "1"])
+    args.layer_decay = 0.5
+    hooks = finetune.fit_hooks(args, {"grid": {"lr": 0.01}})
+    assert hooks.find_unused_parameters and hooks.record == {
+        "grid_point": 3,
+        "grid_values": {"lr": 0.01},
+    }
+    m = models.create_model("smallnet_s", 3, img_size=16)
+    assert {g["lr_scale"] for g in hooks.param_groups(m)} == {0.5**k for k in range(5)}
+    assert finetune.grid_point(0)["lr"] == train.DEFAULT_LR["sgd"]
+    assert tuple(finetune.grid_point(9)) == finetune.GRID_KEYS
