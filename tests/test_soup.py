@@ -450,3 +450,12 @@ def test_directory_as_ingredient_says_so(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     argv = ["--ingredients", str(tmp_path / "run"), "--uniform", "--out", str(tmp_path / "o")]
     assert "is a directory" in _exit2(lambda: soup.main(argv), capsys)
+
+
+def test_second_soup_on_the_same_out_is_refused(ing, tmp_path, capsys):
+    out = tmp_path / "s"
+    with soup.DirLock(out):  # another command holds --out (here: this process)
+        err = _exit2(lambda: run_soup(ing, out, "--uniform"), capsys)
+    assert "in use by another command" in err and not (out / "uniform_soup.pt").exists()
+    run_soup(ing, out, "--uniform")  # released: runs
+    assert (out / "uniform_soup.pt").exists()
