@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each rank prints 'rank R final <sha1 of its weights>' (DDP checks)",
     )
+    add_search_flags(p)  # --search, --storage, --study, --search-report, --export-top
     return p
 
 
@@ -546,7 +547,607 @@ def main(argv=None):
             return None
         grid_point(args.i)  # range check before anything is loaded
         train.check_flags(args)
+        if wants_search(args):  # Optuna: the search section at the end of this file
+            return run_search(args, argv)
         return finetune(args, explicit_dests(argv))
+
+
+# ---------------------------------------------------------------------------
+# Search (Optuna) -- `--search N`, `--search-report`, `--export-top K`
+#
+# Optuna (optional, imported only for these flags) samples the grid's own space with TPE, prunes
+# weak trials from their per-epoch val_acc (successive halving / Hyperband) and keeps the study in
+# a database (SQLAlchemy URL; default a SQLite file in the run directory): an interrupted search
+# continues, and every process started with the same --storage/--study takes the next trial.
+# Each trial is an ordinary ingredient directory <out>/<name>/<study>/t<N>/ (best.pt, last.pt,
+# metrics.jsonl, summary.csv), so soup.py takes them as they are.
+
+SEARCH_METHODS = ("full", "probe")
+SEARCH_RETRIES = 3  # a killed trial is resumed (from its last.pt) at most this often
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """The search group: --search, --storage, --study, --pruner, --search-report, --export-top."""
+    from common import nonneg_int, positive_int, seed_int
+
+    g = p.add_argument_group("search (Optuna; optional package)")
+    g.add_argument(
+        "--search",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run a TPE search until the study holds N finished (complete or pruned) trials",
+    )
+    g.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="study database, any SQLAlchemy URL (postgresql://user:pw@host/db, "
+        "sqlite:///path.db); default: sqlite:///<out>/<name>/search.db",
+    )
+    g.add_argument("--study", default="search", help="study name inside --storage")
+    g.add_argument(
+        "--pruner",
+        choices=["sha", "hyperband", "none"],
+        default="sha",
+        help="stop weak trials from their per-epoch val_acc: successive halving or Hyperband",
+    )
+    g.add_argument(
+        "--search-seed",
+        type=seed_int,
+        default=0,
+        help="TPE seed; trial N's random draws depend on (seed, N) only, so workers differ",
+    )
+    g.add_argument(
+        "--heartbeat",
+        type=positive_int,
+        default=30,
+        metavar="S",
+        help="seconds between a trial's heartbeats; one silent for 2*S (killed) is resumed",
+    )
+    g.add_argument(
+        "--search-report",
+        action="store_true",
+        help="print the study's trials (number, value, state, params, seconds) and importances",
+    )
+    g.add_argument(
+        "--export-top",
+        type=nonneg_int,
+        default=None,
+        metavar="K",
+        help="print the best.pt paths of the best K complete trials, one per line (soup.py)",
+    )
+
+
+def wants_search(args) -> bool:
+    return bool(args.search or args.search_report or args.export_top is not None)
+
+
+def _import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(
+            "--search/--search-report/--export-top need the optuna package; pip install optuna"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    return optuna
+
+
+def _search_base(args) -> str:
+    return args.name or f"{args.model}_ft"
+
+
+def default_storage(args) -> str:
+    return f"sqlite:///{(Path(args.out) / _search_base(args) / 'search.db').absolute()}"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    if not url.startswith("sqlite:"):
+        return None
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return Path(path.split("?", 1)[0]) if path and path != ":memory:" else None
+
+
+def _check_storage_file(url: str, create: bool) -> None:
+    """A SQLite storage file must be a writable file (or creatable, for a new search)."""
+    from common import check_writable_dir
+
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"--storage {url}: {path} is a directory; name a .db file")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UserError(f"--storage {url}: {path} is not writable; fix its permissions")
+        return
+    if not create:
+        raise UserError(f"--storage {url}: {path} does not exist; run --search first")
+    check_writable_dir(path.parent, "--storage")
+
+
+def open_storage(optuna, url: str, heartbeat: int | None = None):
+    """RDBStorage with heartbeats (killed trials are failed and retried); one-line errors."""
+    import sqlalchemy.exc
+
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    retry_cls = retry_cls or optuna.storages.RetryFailedTrialCallback
+    retry = retry_cls(max_retry=SEARCH_RETRIES, inherit_intermediate_values=True)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    kw = {"engine_kwargs": engine}
+    if heartbeat:
+        kw.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
+    import time
+
+    try:
+        for attempt in range(6):
+            try:
+                try:
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_stale_trial_callback=retry, **kw
+                    )
+                except TypeError:  # optuna < 4.9 names the callback failed_trial_callback
+                    return optuna.storages.RDBStorage(url, failed_trial_callback=retry, **kw)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+                # workers creating one new database at once race on its tables: try again
+                transient = isinstance(e, sqlalchemy.exc.IntegrityError) or "locked" in str(e)
+                if not transient or attempt == 5:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(
+            f"--storage {url}: cannot open the study database ({first}); check the URL, that "
+            "the server is reachable and its driver installed (e.g. pip install psycopg2-binary)"
+        ) from None
+
+
+def search_space(args, explicit: set[str]) -> dict:
+    """The grid's space as Optuna dimensions; flags the user gave are fixed, not searched."""
+    family = getattr(train, "opt_family", lambda name: name)(args.opt)  # timm names: sgd/adam*
+    lr, wd = LR_RANGE[family], WD_RANGE[family]
+    scale = args.epoch_scale
+    epochs = sorted({max(1, round(k * scale)) for k in range(1, 5)})
+    if args.lp_epochs:
+        epochs = [e for e in epochs if e > args.lp_epochs]
+        if not epochs and "epochs" not in explicit:
+            raise UserError(
+                f"--lp-epochs {args.lp_epochs}: the search's epochs are at most "
+                f"{round(4 * scale)}; raise --epoch-scale or lower --lp-epochs"
+            )
+    dims = {
+        "method": ["cat", list(SEARCH_METHODS)],
+        "lr": ["log", *lr],
+        "weight_decay": ["log", *wd],
+        "epochs": ["cat", epochs],
+        "smoothing": ["float", 0.0, 0.225],
+        "mix": ["cat", ["none", "cutmix", "mixup"]],
+        "mix_alpha": ["float", 0.1, 1.0],
+        "mix_prob": ["float", 0.25, 1.0],
+        "aug": ["cat", list(GRID_AUGS)],
+    }
+    fixed = {k: getattr(args, k) for k in GRID_KEYS if k in explicit}
+    if "freeze_backbone" in explicit or args.lp_epochs:
+        dims.pop("method")  # the user (or LP-FT) decides freezing
+    for k in fixed:
+        dims.pop(k, None)
+    return {"dims": dims, "fixed": fixed, "opt": args.opt, "weights": _file_hash(args.weights)}
+
+
+def _file_hash(path) -> str | None:
+    """sha1 of a file's bytes (16 hex), so a study recognises its start on any machine."""
+    if not path or not Path(path).is_file():
+        return str(path) if path else None
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def suggest(trial, space: dict, args) -> dict:
+    """One point of the space: method 'probe' is the grid's point 0, 'full' draws the rest."""
+    dims = space["dims"]
+
+    def draw(name):
+        kind, *rest = dims[name]
+        if kind == "cat":
+            return trial.suggest_categorical(name, rest[0])
+        return trial.suggest_float(name, rest[0], rest[1], log=kind == "log")
+
+    values = {}
+    method = draw("method") if "method" in dims else None
+    if method == "probe":
+        values = grid_point(0, args.opt, args.epoch_scale)
+    else:
+        for k in ("lr", "weight_decay", "epochs", "smoothing", "mix", "aug"):
+            if k in dims:
+                values[k] = draw(k)
+        if values.get("mix", space["fixed"].get("mix", "none")) != "none":
+            for k in ("mix_alpha", "mix_prob"):
+                if k in dims:
+                    values[k] = draw(k)
+        if method == "full":
+            values["freeze_backbone"] = False
+    return {k: v for k, v in values.items() if k not in space["fixed"]}
+
+
+def _load_study(optuna, args, storage, create: bool, space: dict | None = None, pruner=None):
+    url = args.storage or default_storage(args)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if args.study not in names and not create:
+        have = ", ".join(names) or "none"
+        raise UserError(f"--study {args.study}: not in {url} (studies: {have}); run --search")
+    study = optuna.create_study(
+        storage=storage,
+        study_name=args.study,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=pruner,
+    )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise UserError(f"--study {args.study}: in {url} it minimises; pick another --study")
+    if space is not None:
+        have = study.user_attrs.get("space")
+        if have is None and study.trials:
+            raise UserError(
+                f"--study {args.study}: in {url} was not made by finetune.py --search; "
+                "pick another --study"
+            )
+        if have is None:
+            study.set_user_attr("space", json.loads(json.dumps(space)))
+        elif have != json.loads(json.dumps(space)):
+            diff = [k for k in ("dims", "fixed", "opt", "weights") if have.get(k) != space.get(k)]
+            raise UserError(
+                f"--study {args.study}: exists in {url} with another search space (its "
+                f"{', '.join(diff)} differ: flags, --opt, --epoch-scale or --weights changed); "
+                "use the same flags, or a new --study"
+            )
+    return study
+
+
+def _make_pruner(optuna, name: str, space: dict, args):
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "hyperband":
+        epochs = space["dims"].get("epochs", ["cat", [args.epochs]])[1]
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs))
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+
+
+def _fit_trial(args, explicit: set[str], values: dict, epoch_end) -> dict:
+    """finetune() for one trial: its values (where no flag fixed them), then train.fit."""
+    for k, v in values.items():
+        setattr(args, k, v)
+    adopt_start(args, explicit)
+    check_args(args)
+    hooks = fit_hooks(args, {"grid": values})
+    hooks.epoch_end = epoch_end
+    hooks.record = {**hooks.record, "grid_point": None, "search_study": args.study}
+    return train.fit(args, hooks)
+
+
+def _counts(optuna, study, target: int) -> dict:
+    """Finished trials toward --search N (a duplicate counts only past N of them), and the rest."""
+    S = optuna.trial.TrialState
+    n = {"done": 0, "running": 0, "waiting": 0}
+    dups = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == S.COMPLETE and "duplicate_of" in t.user_attrs:
+            dups += 1
+        elif t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and "error" in t.user_attrs):
+            n["done"] += 1
+        elif t.state == S.RUNNING:
+            n["running"] += 1
+        elif t.state == S.WAITING:
+            n["waiting"] += 1
+    n["done"] += max(0, dups - target)  # so a search that keeps proposing one point still ends
+    return n
+
+
+def run_search(args, argv) -> dict:
+    """--search N, then --search-report / --export-top (each also works on its own)."""
+    import copy
+
+    from common import check_writable_dir
+
+    if args.search and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--search runs one trial per process; start several workers, not torchrun")
+    explicit = explicit_dests(argv)
+    if args.search:
+        if "i" in explicit:
+            raise UserError("--search draws its own points from the grid's space; drop --i")
+        if args.resume or args.skip_existing:
+            flag = "--resume" if args.resume else "--skip-existing"
+            raise UserError(f"--search resumes its interrupted trials itself; drop {flag}")
+        if not args.data:
+            raise UserError("--data is required (a data set path; see python data.py --help)")
+    optuna = _import_optuna()
+    url = args.storage or default_storage(args)
+    result: dict = {}
+    if args.search:
+        probe = copy.deepcopy(args)
+        adopt_start(probe, explicit)  # --model etc. from --weights, before the space is made
+        space = search_space(probe, explicit)
+        check = copy.deepcopy(probe)
+        if "epochs" in space["dims"]:
+            check.epochs = max(space["dims"]["epochs"][1])
+        check_args(check)
+        base = _search_base(probe)
+        study_dir = Path(args.out) / base / args.study
+        _check_storage_file(url, create=True)
+        check_writable_dir(study_dir, "--out")
+        db = _sqlite_file(url)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(optuna, url, args.heartbeat)
+        pruner = _make_pruner(optuna, args.pruner, space, probe)
+        study = _load_study(optuna, args, storage, True, space, pruner)
+        if not study.trials and study_dir.exists() and any(study_dir.iterdir()):
+            raise UserError(
+                f"{study_dir}: holds trials of another study than {url} records; "
+                "pick a new --study or remove that directory"
+            )
+        result = search(optuna, study, args, explicit, base, space)
+    else:
+        _check_storage_file(url, create=False)
+        study = _load_study(optuna, args, open_storage(optuna, url), False)
+    if args.search_report:
+        print(search_report(optuna, study))
+    if args.export_top is not None:
+        paths = export_top(optuna, study, args.export_top)
+        if len(paths) < args.export_top:
+            print(
+                f"warning: only {len(paths)} complete trial(s) with a best.pt in study "
+                f"{args.study}",
+                file=sys.stderr,
+            )
+        for p in paths:
+            print(p)
+        result["top"] = paths
+    return result
+
+
+def search(optuna, study, args, explicit: set[str], base: str, space: dict) -> dict:
+    """Take trials until the study holds args.search finished ones (shared with other workers)."""
+    import copy
+    import time
+
+    startup = min(10, max(2, args.search // 3))
+    seen = {"ran": 0}
+
+    def objective(trial):
+        # Trial N's random draws depend on (--search-seed, N) only: parallel workers differ.
+        study.sampler = optuna.samplers.TPESampler(
+            seed=(args.search_seed * 1_000_003 + trial.number) % 2**32,
+            n_startup_trials=startup,
+            constant_liar=True,
+        )
+        values = suggest(trial, space, args)
+        twin = _same_values(optuna, study, trial)
+        if twin is not None:  # e.g. a second linear probe: the same run, not trained again
+            trial.set_user_attr("run_dir", twin.user_attrs["run_dir"])
+            trial.set_user_attr("duplicate_of", twin.number)
+            print(
+                f"trial {trial.number}: the values of trial {twin.number}; its val_acc "
+                f"{twin.value:.4f} taken, not trained again",
+                flush=True,
+            )
+            return twin.value
+        retried = trial.user_attrs.get("run_dir")  # a killed trial's retry takes over its dir
+        run_name = f"{base}/{args.study}/t{trial.number}"
+        targs = copy.deepcopy(args)
+        targs.search = None
+        if retried:  # its directory, wherever --out pointed then
+            targs.out, run_name = str(Path(retried).parent), Path(retried).name
+        run_dir = (Path(targs.out) / run_name).absolute()
+        targs.name = run_name
+        if retried and (run_dir / "last.pt").exists() and not (run_dir / "summary.json").exists():
+            targs.resume = "auto"
+        else:
+            targs.overwrite = True  # nothing worth keeping: killed before its first epoch ended
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("values", values)
+        shown = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+        )
+        again = f", resuming {run_dir}" if targs.resume else ""
+        print(
+            f"trial {trial.number} of {args.study}{again}: {shown or 'all from flags'}", flush=True
+        )
+
+        def epoch_end(epoch, row):
+            trial.report(float(row["val_acc"]), int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned at epoch {row['epoch']}: val_acc {row['val_acc']:.4f}"
+                )
+
+        try:
+            summary = _fit_trial(targs, explicit, values, epoch_end)
+        except train.DivergedError as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        except optuna.TrialPruned as e:  # train.fit's epoch_end hook raised it
+            print(f"trial {trial.number}: {e}", flush=True)
+            raise
+        except SystemExit as e:
+            if e.code == 130:  # Ctrl-C: train.fit saved last.pt; let Optuna mark the trial
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            import runlog
+
+            runlog.close_streams(run_dir)
+        for k in ("test_acc", "best_ema_val_acc"):
+            if summary.get(k) is not None:
+                trial.set_user_attr(k, summary[k])
+        seen["ran"] += 1
+        return summary["best_val_acc"]
+
+    t0 = time.perf_counter()
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial comes back WAITING
+        n = _counts(optuna, study, args.search)
+        if n["done"] >= args.search:
+            break
+        if n["done"] + n["running"] >= args.search and not n["waiting"]:
+            time.sleep(min(args.heartbeat, 5))  # the rest is in other workers' hands
+            continue
+        try:
+            study.optimize(objective, n_trials=1, catch=(train.DivergedError,))
+        except KeyboardInterrupt:
+            _retry_interrupted(optuna, study)
+            print(
+                f"interrupted: run the same command again to continue study {args.study} "
+                "(the interrupted trial resumes from its last.pt)",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+    best = _best_complete(optuna, study)
+    took = time.perf_counter() - t0
+    n = _counts(optuna, study, args.search)
+    print(
+        f"search {args.study}: {n['done']} finished trial(s), {seen['ran']} complete here in "
+        f"{took:.0f}s; best "
+        + (
+            f"trial {best.number} val_acc {best.value:.4f} ({best.user_attrs.get('run_dir')})"
+            if best
+            else "none complete"
+        ),
+        flush=True,
+    )
+    return {
+        "study": args.study,
+        "finished": n["done"],
+        "best_trial": best.number if best else None,
+        "best_val_acc": best.value if best else None,
+        "best_run_dir": best.user_attrs.get("run_dir") if best else None,
+    }
+
+
+def _same_values(optuna, study, trial):
+    """A complete, trained trial with exactly this trial's parameters, or None."""
+    for t in study.get_trials(deepcopy=False):
+        if (
+            t.state == optuna.trial.TrialState.COMPLETE
+            and t.number != trial.number
+            and t.params == trial.params
+            and "duplicate_of" not in t.user_attrs
+            and "run_dir" in t.user_attrs
+        ):
+            return t
+    return None
+
+
+def _retry_interrupted(optuna, study) -> None:
+    """Queue a Ctrl-C'd trial again (same values, same directory) for the next worker."""
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.state == S.FAIL and "run_dir" in t.user_attrs]
+    if not mine:
+        return
+    last = max(mine, key=lambda t: t.number)
+    queued = {t.user_attrs.get("run_dir") for t in trials if t.state in (S.WAITING, S.RUNNING)}
+    if last.user_attrs["run_dir"] not in queued and "error" not in last.user_attrs:
+        retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        retry_cls = retry_cls or optuna.storages.RetryFailedTrialCallback
+        retry_cls(max_retry=SEARCH_RETRIES, inherit_intermediate_values=True)(study, last)
+
+
+def _best_complete(optuna, study):
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+    ]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def _seconds(t) -> float | None:
+    if t.datetime_start and t.datetime_complete:
+        return round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
+    return None
+
+
+def search_report(optuna, study) -> str:
+    """Trial table (number, value, state, params, seconds, directory) and param importances."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        value = (
+            t.value
+            if t.value is not None
+            else (t.intermediate_values[last] if last is not None else None)
+        )
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()
+        )
+        state = t.state.name.lower()
+        if state == "pruned" and last is not None:
+            state = f"pruned@{last}"
+        if "duplicate_of" in t.user_attrs:
+            state = f"same as {t.user_attrs['duplicate_of']}"
+        elif "error" in t.user_attrs:
+            state = "diverged"
+        rows.append(
+            [
+                t.number,
+                "" if value is None else round(value, 4),
+                state,
+                params,
+                _seconds(t) or "",
+                t.user_attrs.get("run_dir", ""),
+            ]
+        )
+    header = ["trial", "value", "state", "params", "seconds", "run_dir"]
+    text = [f"study {study.study_name}: {len(rows)} trial(s), value = best val_acc"]
+    text.append(format_table(rows, header) if rows else "(no trials yet)")
+    complete = [
+        t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # few-trial caveats; the table says how many there are
+            warnings.simplefilter("ignore")
+            imp = optuna.importance.get_param_importances(study) if len(complete) >= 2 else {}
+    except (ValueError, RuntimeError) as e:
+        imp, note = {}, str(e).splitlines()[0]
+    else:
+        note = "needs at least 2 complete trials sharing a parameter"
+    if imp:
+        text.append(
+            format_table([[k, round(v, 4)] for k, v in imp.items()], ["parameter", "importance"])
+        )
+    else:
+        text.append(f"importances: {note}")
+    return "\n".join(text)
+
+
+def export_top(optuna, study, k: int) -> list[str]:
+    """best.pt of the best k complete trials (highest value first; ties: lower trial number)."""
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+    ]
+    done.sort(key=lambda t: (-t.value, t.number))
+    paths: list[str] = []
+    for t in done:
+        if "run_dir" not in t.user_attrs or "duplicate_of" in t.user_attrs:
+            continue
+        p = Path(t.user_attrs["run_dir"]) / "best.pt"
+        if p.is_file() and str(p) not in paths:
+            paths.append(str(p))
+        if len(paths) == k:
+            break
+    return paths
 
 
 if __name__ == "__main__":

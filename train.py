@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import data
 import losses
 import models
+import runlog
 from common import (
     DirLock,
     Timer,
@@ -232,11 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--linear-eval", default=None, metavar="CKPT", help="per-block linear eval")
     g.add_argument("--nonlinear", action="store_true", help="linear eval: also an MLP probe")
     g.add_argument("--linear-epochs", type=positive_int, default=30, help="linear eval epochs")
+    runlog.add_flags(p)  # --log, --checkpoint-hist
     return p
 
 
 def check_flags(args) -> None:
     """Combinations the flag types cannot see; UserError naming the flags."""
+    runlog.check_flags(args)  # --log packages installed, --checkpoint-metric possible
     refuse_together(
         args,
         ("--eval-only", "--linear-eval"),
@@ -463,7 +466,10 @@ def metrics_from_probs(
     y = labels.long()
     loss = F.nll_loss(probs.clamp_min(eps).log(), y).item()
     t, pred = y.numpy(), probs.argmax(1).numpy()
-    return {"loss": loss, "acc": accuracy(t, pred), "f1": macro_f1(t, pred, probs.shape[1])}
+    out = {"loss": loss, "acc": accuracy(t, pred), "f1": macro_f1(t, pred, probs.shape[1])}
+    if probs.shape[1] > 5:  # top-5 has a meaning only above 5 classes (summary.csv eval_top5)
+        out["top5"] = (probs.topk(5, dim=1).indices == y[:, None]).any(1).double().mean().item()
+    return out
 
 
 def evaluate(
@@ -611,6 +617,7 @@ def _build_loss(args, multi_label: bool) -> nn.Module:
 RUN_FILES = {
     "args.json", "metrics.jsonl", "summary.json", "test_metrics.json", "last.pt", "best.pt",
     "best_ema.pt", "best_finetuned.pt", "wise.json",
+    *runlog.RUN_FILES,  # summary.csv, tb/, wandb/, wandb_id.txt (epoch_N.pt: runlog.EPOCH_FILE)
 }  # fmt: skip
 
 
@@ -645,7 +652,9 @@ class RunDir:
             other = sorted(
                 p.name
                 for p in self.final.iterdir()
-                if p.name not in RUN_FILES and not p.name.startswith(".")
+                if p.name not in RUN_FILES
+                and not p.name.startswith(".")
+                and not runlog.EPOCH_FILE.match(p.name)
             )
             if other:
                 raise UserError(
@@ -1056,6 +1065,7 @@ def _train_epochs(t: Training) -> None:
             row = _end_epoch(t, epoch)
             t.state.epoch, t.state.batch = epoch + 1, 0
             if t.is_main:
+                runlog.epoch_end(t, row)  # summary.csv, --log streams, --checkpoint-hist files
                 t.run.save_last(t)
             if t.hooks.epoch_end:
                 t.hooks.epoch_end(epoch, row)
