@@ -14,11 +14,13 @@ import pickle
 import re
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from common import UserError, atomic_path, jsonable, size2
@@ -83,12 +85,21 @@ class SmallNet(nn.Module):
         )
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(widths[-1], num_classes)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each block's activations in backward instead of storing
+        them (less memory, one more forward of the blocks)."""
+        self.grad_checkpointing = bool(enable)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features, N x num_features."""
         x = self.stem(x)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(_once_bn(block), x, use_reentrant=False)
+            else:
+                x = block(x)
         return x.amax(dim=(2, 3))  # global max pool, as airbench does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +113,29 @@ class SmallNet(nn.Module):
         w = self.head.weight
         self.head = nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
         self.num_classes = num_classes
+
+
+def _once_bn(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`block` as a function for torch.utils.checkpoint whose recomputation in backward leaves
+    BatchNorm running statistics alone: they are updated once per step, as without it."""
+    calls = [0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            return block(x)
+        bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
+        try:
+            for m in bns:
+                m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+            return block(x)
+        finally:
+            for m, momentum, tracked in saved:
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(tracked)
+
+    return run
 
 
 # Each block halves the resolution, so 3 blocks need images of at least 8 x 8 px.
@@ -216,11 +250,14 @@ def create_model(
     *,
     model_kwargs: dict | None = None,
     check_size: bool = True,
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """Build a built-in or timm model; UserError for unknown names or unusable image sizes.
 
     `model_kwargs` go to the constructor (e.g. {"widths": [32, 64, 128]} for smallnet); store them
     in the checkpoint as "model_kwargs" so `load_model` can rebuild the same network.
+    `grad_checkpointing` recomputes block activations in backward (timm's set_grad_checkpointing;
+    SmallNet checkpoints each block); UserError for models that cannot.
     """
     model_kwargs = dict(model_kwargs or {})
     size = size2(img_size) if img_size is not None else None
@@ -246,7 +283,26 @@ def create_model(
         )
     if check_size and size is not None:
         _check_size(model, arch, in_chans, size)
+    if grad_checkpointing:
+        set_grad_checkpointing(model, arch)
     return model
+
+
+def set_grad_checkpointing(model: nn.Module, arch: str = "") -> None:
+    """Turn on gradient checkpointing, or UserError naming the model when it has none."""
+    fn = getattr(unwrap(model), "set_grad_checkpointing", None)
+    why = "it has no set_grad_checkpointing"
+    if fn is not None:
+        try:
+            fn(True)
+            return
+        except (AssertionError, NotImplementedError, RuntimeError, TypeError) as e:
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    name = arch or type(unwrap(model)).__name__
+    raise UserError(
+        f"--grad-checkpointing: {name} does not support it ({why}); drop the flag or use a "
+        "model that does (smallnet, resnet*, efficientnet*, vit_*, convnext*, ...)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -336,12 +392,20 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def reset_head(model: nn.Module, num_classes: int) -> None:
-    """Replace the classifier with a freshly initialised one for `num_classes` outputs."""
-    model = unwrap(model)
-    device = next(model.parameters()).device
-    model.reset_classifier(num_classes)
-    model.to(device)  # timm builds the new head on the CPU
+@contextlib.contextmanager
+def capture_embedding(model: nn.Module) -> Iterator[dict]:
+    """While open, every forward of `model` leaves the classifier's input (the pooled embedding,
+    N x D) in the yielded dict under "embedding": for losses with `needs_embedding` (SupCon)."""
+    head = unwrap(model).get_classifier()
+    head = head[0] if isinstance(head, tuple) else head
+    store: dict = {}
+    handle = head.register_forward_pre_hook(
+        lambda _m, args: store.__setitem__("embedding", args[0])
+    )
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 def head_names(model: nn.Module) -> list[str]:

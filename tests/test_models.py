@@ -148,14 +148,14 @@ def test_autocast():
 # Heads and feature blocks
 
 
-def test_reset_head_and_head_names():
+def test_reset_classifier_and_head_names():
     small = models.create_model("smallnet_s", 10, check_size=False)
-    models.reset_head(small, 4)
+    small.reset_classifier(4)  # the timm-style name both kinds of model share
     assert small.head.out_features == 4 and small.num_classes == 4
     assert models.head_names(small) == ["head."]
     res = models.create_model("resnet18", 10, in_chans=1, check_size=False)
-    models.reset_head(nn.DataParallel(res), 2)  # wrappers are looked through
-    assert res.fc.out_features == 2
+    models.unwrap(nn.DataParallel(res)).reset_classifier(2)  # wrappers are looked through
+    assert res.fc.out_features == 2 and models.head_names(res) == ["fc."]
     assert res.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
 
 
@@ -396,3 +396,48 @@ def test_checkpoint_meta_defaults_for_older_files():
         models.CheckpointMeta.from_checkpoint({"num_classes": 3})
     with pytest.raises(UserError, match="missing 'in_chans'"):
         models.model_from_checkpoint({"arch": "smallnet", "num_classes": 2, "state_dict": {}})
+
+
+def test_grad_checkpointing_smallnet_same_step_as_without():
+    torch.manual_seed(0)
+    plain = models.create_model("smallnet_s", 3, img_size=16)
+    ckpt = models.create_model("smallnet_s", 3, img_size=16, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    calls = []
+    hook = ckpt.blocks[0].conv1.register_forward_hook(lambda *a: calls.append(1))
+    for m in (plain, ckpt):
+        nn.functional.cross_entropy(m.train()(x), y).backward()
+    hook.remove()
+    assert len(calls) == 2  # the block ran again in backward: it was checkpointed
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    # BN running statistics are updated once, as without checkpointing
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():  # eval: no checkpointing, same outputs
+        assert torch.allclose(plain.eval()(x), ckpt.eval()(x), atol=1e-6)
+
+
+def test_grad_checkpointing_timm_and_refusal():
+    res = models.create_model("resnet10t", 3, img_size=32, grad_checkpointing=True)
+    assert res.grad_checkpointing
+    with pytest.raises(UserError, match=r"--grad-checkpointing: dla46x_c does not support it"):
+        models.create_model("dla46x_c", 3, img_size=32, grad_checkpointing=True)
+    with pytest.raises(UserError, match="Linear does not support it"):
+        models.set_grad_checkpointing(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("arch", ["smallnet_s", "resnet10t"])
+def test_capture_embedding_is_the_classifier_input(arch):
+    model = models.create_model(arch, 3, img_size=32).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with models.capture_embedding(nn.DataParallel(model)) as got, torch.no_grad():
+        logits = model(x)
+    emb = got["embedding"]
+    assert emb.shape == (2, model.num_features)
+    head = model.get_classifier()
+    assert torch.allclose(head(emb), logits, atol=1e-5)
+    model(x)  # the hook is gone after the block
+    assert got["embedding"] is emb
