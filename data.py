@@ -1,8 +1,9 @@
 """Data: load image-classification data sets as uint8 tensors, split them, augment in batches.
 
 Formats (auto-detected; --data-format overrides): idx, folder, csv, mask, pixels-csv, synth
-(SPEC section 2). A data set is decoded once into an N x C x H x W uint8 tensor and cached as .npy, so
-later runs skip decoding; batches are then normalised and augmented as tensors on the device.
+(README "data.py"). A data set is decoded once into an N x C x H x W uint8 tensor and cached as
+.npy, so later runs skip decoding; batches are then normalised and augmented as tensors on the
+device. Augmentations and their parameters: AUG_HELP.
 
     python data.py --data ../shared/data/fashion-mnist --grid samples.png
 """
@@ -55,8 +56,27 @@ FASHION_CLASSES = [
 LETTERS = [chr(ord("A") + i) for i in range(26)]
 PARTS = ("train", "test")
 SPLITS = ("train", "val", "test", "all")
-AUGS = ("none", "flip", "vflip", "crop", "rot90", "randaug", "cutout")
+AUGS = ("none", "flip", "vflip", "crop", "rot90", "randaug", "cutout", "ssr")
 MIXES = ("cutmix", "mixup")
+# Parameters an augmentation takes, as name:key=value:key=value (e.g. ssr:rotate=30:p=0.8):
+# key -> (default, low, high). ssr's rotate=15 is the dirty-MNIST seed's; shift and scale are
+# albumentations' ShiftScaleRotate defaults.
+AUG_PARAMS: dict[str, dict[str, tuple[float, float, float]]] = {
+    "ssr": {"rotate": (15.0, 0.0, 180.0), "shift": (0.0625, 0.0, 0.5), "scale": (0.1, 0.0, 0.9),
+            "p": (0.5, 0.0, 1.0)},
+    "cutout": {"size": (0.25, 0.0, 1.0), "p": (1.0, 0.0, 1.0)},
+}  # fmt: skip
+AUG_ALIASES = {"shift-scale-rotate": "ssr", "shiftscalerotate": "ssr"}
+AUG_HELP = (
+    "comma list of: none; flip / vflip (mirror left-right / up-down, p=0.5); crop (pad by --pad "
+    "px, reflected, then crop back = a random shift of up to --pad px); rot90 (a random multiple "
+    "of 90 degrees, square images); randaug (a light RandAugment of 3 ops, each p=0.5 per image: "
+    "brightness +-0.25 std, contrast x0.75..1.25, translation up to 1/8 of the side; not the "
+    "14-op RandAugment); cutout[:size=0.25][:p=1] (zero = the mean in one square of size x the "
+    "shorter side at a random place); ssr[:rotate=15][:shift=0.0625][:scale=0.1][:p=0.5] "
+    "(shift-scale-rotate: rotate by up to +-rotate degrees, shift by up to shift x the side, "
+    "scale by 1+-scale, reflected border, bilinear); cutmix, mixup (with --mix-alpha)"
+)
 # 2: missing labels refused, classes.txt in the key (entries of version 1 may hold a "nan" class)
 CACHE_VERSION = 2
 # Cells that mean "no label" (pandas' NA spellings); a label column may not hold them.
@@ -2151,16 +2171,53 @@ def _aug_randaug(x, g, pad):
     return torch.where(on_t, shift(x, -dy, -dx, m, "replicate"), x)
 
 
-def _aug_cutout(x, g, pad):
-    """Zero (= the mean after normalising) one square of side H/4 at a random place per image."""
+def _aug_cutout(x, g, pad, size: float = 0.25, p: float = 1.0):
+    """Zero (= the mean after normalising) one square of side size x the shorter side at a
+    random place, in each image with probability p."""
     n, _, h, w = x.shape
-    s = max(1, min(h, w) // 4)
+    s = max(1, int(size * min(h, w)))
+    on = _coin(n, g, x.device, p) if p < 1 else None  # p=1 draws nothing: same as before
     cy = torch.randint(0, h, (n,), generator=g).to(x.device).view(n, 1, 1, 1)
     cx = torch.randint(0, w, (n,), generator=g).to(x.device).view(n, 1, 1, 1)
     yy = torch.arange(h, device=x.device).view(1, 1, h, 1)
     xx = torch.arange(w, device=x.device).view(1, 1, 1, w)
     hole = ((yy - cy).abs() <= s // 2) & ((xx - cx).abs() <= s // 2)
+    if on is not None:
+        hole = hole & on
     return x.masked_fill(hole, 0.0)
+
+
+def _aug_ssr(
+    x, g, pad, rotate: float = 15.0, shift: float = 0.0625, scale: float = 0.1, p: float = 0.5
+):
+    """Shift-scale-rotate, one random affine map per image (with probability p): angle
+    U(-rotate, rotate) degrees, scale U(1 - scale, 1 + scale), shift U(-shift, shift) x the
+    width/height."""
+    n = len(x)
+    angle = (torch.rand(n, generator=g) * 2 - 1) * rotate
+    sc = 1 + (torch.rand(n, generator=g) * 2 - 1) * scale
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift
+    on = _coin(n, g, x.device, p)
+    return torch.where(on, affine(x, angle, sc, t), x)
+
+
+def affine(x: torch.Tensor, angle, scale, shift) -> torch.Tensor:
+    """Rotate each image by angle[i] degrees (counter-clockwise on screen), scale it by
+    scale[i] and shift it by shift[i] = (dx, dy) x (width, height), about the centre: one
+    affine_grid + grid_sample over the batch, bilinear, reflected border."""
+    n, _, h, w = x.shape
+    ang = torch.deg2rad(torch.as_tensor(angle, dtype=torch.float32).expand(n))
+    sc = torch.as_tensor(scale, dtype=torch.float32).expand(n)
+    t = torch.as_tensor(shift, dtype=torch.float32).expand(n, 2) * 2  # in [-1, 1] units
+    # output -> input in pixels about the centre: M = R(-angle) / scale (y grows downwards, so
+    # this turns the picture counter-clockwise); affine_grid wants D^-1 M D, D = diag(w/2, h/2).
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    theta[:, :, 2] = -(theta[:, :, :2] @ t[:, :, None])[:, :, 0]
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 _AUG_FNS = {
@@ -2170,18 +2227,46 @@ _AUG_FNS = {
     "rot90": _aug_rot90,
     "randaug": _aug_randaug,
     "cutout": _aug_cutout,
+    "ssr": _aug_ssr,
 }
 
 
 def _aug_names(aug) -> list[str]:
+    """The augmentation specs of --aug (names, aliases resolved, lower case), checked."""
     names = aug.split(",") if isinstance(aug, str) else list(aug or [])
     names = [a.strip().lower() for a in names if a and a.strip()]
-    bad = [a for a in names if a not in AUGS and a not in MIXES]
-    if bad:
-        raise UserError(
-            f"--aug {bad[0]}: unknown augmentation; choose from {', '.join(AUGS + MIXES)}"
-        )
-    return names
+    out = []
+    for spec in names:
+        name, *_ = spec.split(":")
+        name = AUG_ALIASES.get(name, name)
+        out.append(":".join([name, *spec.split(":")[1:]]))
+        if name not in AUGS and name not in MIXES:
+            raise UserError(
+                f"--aug {spec}: unknown augmentation; choose from {', '.join(AUGS + MIXES)}"
+            )
+        _aug_params(out[-1])
+    return out
+
+
+def _aug_params(spec: str) -> tuple[str, dict[str, float]]:
+    """'ssr:rotate=30:p=1' -> ('ssr', {'rotate': 30.0, 'p': 1.0}); UserError for bad values."""
+    name, *pairs = spec.split(":")
+    known = AUG_PARAMS.get(name, {})
+    params = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        if key not in known:
+            takes = ", ".join(known) if known else "no parameters"
+            raise UserError(f"--aug {spec}: {name} has no parameter '{key}'; it takes {takes}")
+        _, lo, hi = known[key]
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not lo <= v <= hi:
+            raise UserError(f"--aug {spec}: {key}={text!r} must be a number in [{lo:g}, {hi:g}]")
+        params[key] = v
+    return name, params
 
 
 def augment_batch(
@@ -2189,12 +2274,14 @@ def augment_batch(
 ) -> torch.Tensor:
     """Randomly augment a float N x C x H x W batch (any device); same shape and device.
 
-    Names: none, flip, vflip, crop, rot90, randaug, cutout (cutmix/mixup are skipped here: see
-    mix_batch). Random numbers come from `generator` (CPU), so output is a function of its state.
+    Specs as in AUG_HELP, e.g. "flip,ssr:rotate=15,cutout:size=0.25" (cutmix/mixup are skipped
+    here: see mix_batch). Random numbers come from `generator` (CPU), so output is a function
+    of its state.
     """
-    for name in _aug_names(aug):
+    for spec in _aug_names(aug):
+        name, params = _aug_params(spec)
         if name in _AUG_FNS:
-            x = _AUG_FNS[name](x, generator, pad)
+            x = _AUG_FNS[name](x, generator, pad, **params)
     return x
 
 

@@ -791,3 +791,50 @@ def test_competition_answer_csv_beside_its_image_folder(tmp_path):
     te = data.load_images(tmp_path, part="test")
     assert len(te) == 2 and not te.has_labels and te.ids == ["50000", "50001"]
     assert torch.equal(te.images[1, 0], torch.from_numpy(images(1, seed=1)[0]))
+
+
+# ---------------------------------------------------------------------------
+# Augmentations with parameters: shift-scale-rotate and cutout
+
+
+def test_affine_hand_values():
+    x = torch.arange(32.0).view(2, 1, 4, 4)
+    assert torch.allclose(
+        data.affine(x, 90.0, 1.0, (0.0, 0.0)), torch.rot90(x, 1, (2, 3)), atol=1e-5
+    )
+    right = data.affine(x, 0.0, 1.0, (0.25, 0.0))  # 0.25 x 4 px = one pixel to the right
+    assert torch.equal(right[..., 1:], x[..., :-1]) and torch.equal(right[..., 0], x[..., 0])
+    down = data.affine(x, torch.tensor([0.0, 0.0]), 1.0, torch.tensor([[0.0, 0.25], [0.0, -0.25]]))
+    assert torch.equal(down[0, :, 1:], x[0, :, :-1]) and torch.equal(down[1, :, :-1], x[1, :, 1:])
+    # scale 2 about the centre (1.5, 1.5): output pixel (r, c) reads input 1.5 + (r - 1.5) / 2,
+    # so (1, 1) reads (1.25, 1.25) = 4 x 1.25 + 1.25 (bilinear) and (2, 2) reads (1.75, 1.75)
+    big = data.affine(x[:1], 0.0, 2.0, (0.0, 0.0))
+    assert big[0, 0, 1:3, 1:3].tolist() == [[6.25, 6.75], [8.25, 8.75]]
+
+
+def test_ssr_and_cutout_parameters():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 12, 12)
+    same = data.augment_batch(x, "ssr:rotate=0:shift=0:scale=0:p=1", g)
+    assert torch.allclose(same, x, atol=1e-5)  # no movement at all: the identity
+    assert torch.equal(data.augment_batch(x, "shift-scale-rotate:p=0", g), x)
+    out = data.augment_batch(x, "ssr", torch.Generator().manual_seed(1))  # 15 degrees, p=0.5
+    moved = ~torch.isclose(out, x).flatten(1).all(1)
+    assert 3 <= int(moved.sum()) <= 13  # about half the images
+    assert torch.equal(out, data.augment_batch(x, "ssr", torch.Generator().manual_seed(1)))
+    ones = torch.ones(8, 1, 12, 12)
+    holes = (data.augment_batch(ones, "cutout:size=0.5", g) == 0).flatten(1).sum(1)
+    assert holes.max() == 7 * 7  # side 6 -> a 7 x 7 square centred on a pixel, clipped at edges
+    assert torch.equal(data.augment_batch(ones, "cutout:p=0", g), ones)
+    default = data.augment_batch(ones, "cutout", torch.Generator().manual_seed(2))
+    assert (default == 0).flatten(1).sum(1).max() == 3 * 3  # side 12 // 4 = 3
+    for bad, text in [
+        ("ssr:rotate=200", r"rotate='200' must be a number in \[0, 180\]"),
+        ("ssr:spin=1", "no parameter 'spin'; it takes rotate, shift, scale, p"),
+        ("flip:p=1", "flip has no parameter 'p'; it takes no parameters"),
+        ("cutout:size=x", "size='x'"),
+        ("warp", "unknown augmentation"),
+    ]:
+        with pytest.raises(UserError, match=text):
+            data.augment_batch(x, bad, g)
+    assert "ssr[:rotate=15]" in data.AUG_HELP and "cutout[:size=0.25]" in data.AUG_HELP
