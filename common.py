@@ -387,6 +387,27 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
+def read_csv(path: str | os.PathLike, nrows: int | None = None, numeric: bool = False):
+    """A CSV as a pandas DataFrame of text cells, as written ('007' stays '007', 'NA' is not
+    NaN), headers stripped; numeric=True parses every column but the first (the ids). UserError
+    when it cannot be parsed. pandas is imported here only, so this module stays light."""
+    import pandas as pd
+
+    try:
+        dtype = str
+        if numeric:
+            header = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+            dtype = {header[0]: str} if len(header) else str
+        df = pd.read_csv(
+            path, dtype=dtype, keep_default_na=False, nrows=nrows, encoding="utf-8-sig"
+        )
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot parse as CSV ({why}); fix the file") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file; a torn last line (killed writer) is ignored."""
     rows = []

@@ -44,6 +44,7 @@ from common import (
     image_size,
     parse_args,
     progress,
+    read_csv,
     seed_int,
     size2,
 )
@@ -292,7 +293,7 @@ def _looks_like_csv(p: Path) -> bool:
     if train is None or not _path_column(_csv_header(train)):
         return False
     try:  # a stray CSV next to class folders must not win: its first image has to exist
-        df = _read_csv(train, nrows=1)
+        df = read_csv(train, nrows=1)
         if not len(df):
             return False
         _resolve_paths(df[_path_column(list(df.columns))].tolist(), train, "train", first_only=True)
@@ -957,21 +958,6 @@ def _csv_parts(root: Path) -> tuple[Path | None, Path | None]:
     return train, test
 
 
-def _read_csv(path: Path, nrows: int | None = None, **kw):
-    import pandas as pd  # lazily: only the table formats need it
-
-    try:
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, nrows=nrows, encoding="utf-8-sig", **kw
-        )
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(
-            f"{path}: cannot parse CSV ({str(e).splitlines()[0]}); fix the file"
-        ) from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
 def _image_folders(csv: Path, part: str) -> list[Path]:
     """Folders a CSV's image names may be relative to, most specific last-resort last."""
     d = csv.parent
@@ -1142,7 +1128,7 @@ def _read_tables(csvs: list[Path], spec: TableSpec, part: str):
 
     frames, paths = [], []
     for c in csvs:
-        df = _read_csv(c)
+        df = read_csv(c)
         if spec.path_col and not spec.path_pattern and spec.path_col not in df.columns:
             found = _path_column(list(df.columns))
             if found is None:
@@ -1168,13 +1154,13 @@ def _table_source(
     """A Source for a labelled CSV part; the train CSV(s) fix the class list. Every image path
     must stay inside `data_root` (a CSV cannot make us read elsewhere)."""
     if spec is None:
-        spec = _table_spec(_read_csv(train_csvs[0]), train_csvs[0], opts.label_column, True)
+        spec = _table_spec(read_csv(train_csvs[0]), train_csvs[0], opts.label_column, True)
     where = str(part_csvs[0]) + (f" (+{len(part_csvs) - 1} more)" if len(part_csvs) > 1 else "")
     if part_csvs == train_csvs:
         df, paths, spec = _read_tables(part_csvs, spec, part)
         df_train = df
     else:
-        df_train = _concat([_read_csv(c) for c in train_csvs])
+        df_train = _concat([read_csv(c) for c in train_csvs])
         df, paths, spec = _read_tables(part_csvs, spec, part)
     _, classes, ml, _ = _table_labels(df_train, spec, str(train_csvs[0]), spec.classes)
     if multi_label is not None and ml != multi_label:
@@ -1473,7 +1459,7 @@ def _mask_eval(root: Path, opts: Opts) -> Source:
     info = root / "eval" / "info.csv"
     if not info.is_file():
         raise MissingPartError(f"{root}: no eval/info.csv (mask test part)")
-    df = _read_csv(info)
+    df = read_csv(info)
     col = next((c for c in df.columns if c.lower() == "imageid"), None)
     if col is None:
         raise UserError(f"{info}: no ImageID column; expected the header ImageID,ans")
@@ -1807,7 +1793,7 @@ def relabel(ds: ImageSet, path, known_ids: Iterable[str] = ()) -> tuple[ImageSet
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "no such relabel file"
         raise UserError(f"{path}: {what}; pass a CSV with columns id,new_label")
-    df = _read_csv(Path(path))
+    df = read_csv(Path(path))
     cols = {c.lower(): c for c in df.columns}
     id_col = cols.get("id", df.columns[0] if len(df.columns) else None)
     lab_col = cols.get("new_label") or cols.get("label")
