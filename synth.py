@@ -37,7 +37,20 @@ synth.json keys:
 
 Runs may add shards to an existing synth directory when settings match and index ranges do not
 overlap; `--overwrite` replaces overlapping parts (or, on a settings mismatch, all parts).
-A killed run registers nothing: rerunning the same command rewrites its images.
+A killed run registers nothing: rerunning the same command rewrites its images. synth.py only
+deletes or writes files inside --output-dir: a synth.json naming a CSV outside it is refused.
+
+The competition layout instead (dirty-MNIST: `dirty_mnist_2nd/00000.png ...` with the answer CSV
+`dirty_mnist_2nd_answer.csv` `index,a,...,z` beside the folder): an --output-csv beside
+--output-dir whose name starts with the folder's merges this run into that data set, the
+seed's "add the synthetic images to the given training data" step as one command:
+
+    python synth.py --mode dirty --mnist-data mnist_data/train.csv --output-dir dirty_mnist_2nd \
+        --output-csv dirty_mnist_2nd_answer.csv --num-images 5000 --index-offset 100000
+
+The images go into the folder as {index:06d}.png, the rows are added to the answer CSV (indices
+already there, or images already on disk, are refused unless --overwrite; nothing is deleted),
+no synth.json is written, and `train.py --data dirty_mnist_2nd_answer.csv` reads the merged set.
 """
 
 from __future__ import annotations
