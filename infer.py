@@ -706,8 +706,9 @@ def run(args) -> dict:
     if args.confusion and multi_label:
         raise UserError("--confusion: needs a single-label model (multi-label has no K x K matrix)")
     if args.img_size and tuple(args.img_size) != tuple(meta0.img_size):
-        for m in ckpts:
-            models._check_size(m.model, m.meta.arch, int(m.meta.in_chans), tuple(args.img_size))
+        for m in ckpts:  # the dry run is on the CPU
+            models._check_size(m.model.cpu(), m.meta.arch, int(m.meta.in_chans), args.img_size)
+            m.model.to(rt.device)
     thresholds = read_thresholds(args.threshold, classes) if multi_label else None
     path = args.data
     if not path:  # the data the first checkpoint was trained on

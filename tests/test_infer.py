@@ -406,6 +406,9 @@ def test_seed_command_line(tiny_idx, tmp_path, monkeypatch):
     r = infer.main([ck, str(d), "--image-size", "16", "--batch-size", "2", "--use-tta",
                     "--return-probs", "--quiet"])  # fmt: skip
     assert r["views"] == ["id", "rot90", "rot180", "rot270"] and r["images"] == 5
+    # another size than the training one: decoded at it, after a dry run of the model
+    r = infer.main([ck, str(d), "--img-size", "20", "--out", "s20.csv", "--quiet"])
+    assert r["images"] == 5 and (tmp_path / "s20.csv").exists()
     assert (tmp_path / "submission.csv").exists() and (tmp_path / "submission.npy").exists()
     assert pd.read_csv(tmp_path / "submission.csv", dtype=str)["id"].tolist()[0] == "00000"
 
