@@ -630,7 +630,7 @@ def _import_optuna():
         raise UserError(
             "--search/--search-report/--export-top need the optuna package; pip install optuna"
         ) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
     import warnings
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -1078,7 +1078,12 @@ def _seconds(t) -> float | None:
 def search_report(optuna, study) -> str:
     """Trial table (number, value, state, params, seconds, directory) and param importances."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    resumed_in = {}  # a killed/interrupted trial -> the trial that trained it on
+    for t in trials:
+        for n in t.system_attrs.get("retry_history", []):
+            resumed_in[n] = t.number
+    for t in trials:
         last = max(t.intermediate_values) if t.intermediate_values else None
         value = (
             t.value
@@ -1095,6 +1100,8 @@ def search_report(optuna, study) -> str:
             state = f"same as {t.user_attrs['duplicate_of']}"
         elif "error" in t.user_attrs:
             state = "diverged"
+        elif t.state.name == "FAIL" and t.number in resumed_in:
+            state = f"stopped, resumed in {resumed_in[t.number]}"
         rows.append(
             [
                 t.number,

@@ -194,6 +194,7 @@ class WandbLog:
             dir=str(run_dir),
             config=config,
             reinit="finish_previous",
+            settings=wandb.Settings(silent=bool(getattr(args, "quiet", False))),
         )
 
     def log(self, values: dict[str, float], epoch: int) -> None:
