@@ -2370,13 +2370,22 @@ def save_grid(ds: ImageSet, path, per_class: int = 8, max_classes: int = 40) -> 
             im = Image.fromarray(a[0] if c == 1 else a.transpose(1, 2, 0))
             im = im.resize((cell_w, cell_h), Image.Resampling.NEAREST)
             grid.paste(im.convert("RGB"), (label_w + j * (cell_w + gap), y))
-    ext = Path(path).suffix.lower()
-    fmt = Image.registered_extensions().get(ext)
-    if fmt is None:
-        raise UserError(f"--grid {path}: unknown image extension; use .png")
+    fmt = _check_grid_path(path)
     with atomic_path(path) as tmp:
         grid.save(tmp, format=fmt)
     return len(rows)
+
+
+def _check_grid_path(path) -> str:
+    """PIL format name of a --grid path; UserError for a directory or an unknown extension."""
+    if Path(path).is_dir():
+        raise UserError(
+            f"--grid {path}: is a directory; pass a file such as {Path(path) / 'grid.png'}"
+        )
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UserError(f"--grid {path}: unknown image extension; use .png")
+    return fmt
 
 
 def _describe_part(name: str, ds: ImageSet) -> list:
@@ -2419,6 +2428,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def summarize(args: argparse.Namespace) -> None:
     """Print the EDA summary of args.data (and write --grid)."""
     t0 = time.perf_counter()
+    if args.grid:
+        _check_grid_path(args.grid)  # before the data is decoded: a bad --grid fails at once
     fmt = args.data_format or detect_format(args.data)
     kw = dict(
         img_size=args.img_size,

@@ -606,6 +606,17 @@ def test_cli_numeric_flags_range_checked(tmp_path, capsys, flags):
     assert not (tmp_path / "cache").exists()  # refused before anything was decoded
 
 
+def test_cli_grid_checked_before_decoding(tmp_path, capsys):
+    root = make_folder(tmp_path / "f")
+    for grid, text in (
+        (tmp_path, "is a directory"),
+        (tmp_path / "g.xyz", "unknown image extension"),
+    ):
+        code, _, err = run_cli(["--data", str(root), "--quiet", "--grid", str(grid)], capsys)
+        assert code == 2 and text in err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_relabel_directory_message(tmp_path):
     ds = data.load_images(make_folder(tmp_path / "f"))
     with pytest.raises(UserError, match="is a directory"):
