@@ -50,7 +50,6 @@ from common import (
     cli_errors,
     commit_dir,
     ensure_new_output,
-    float_range,
     format_table,
     fraction,
     int_range,
@@ -107,7 +106,41 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_flags(p)
-    g = p.add_argument_group("data")
+    _data_flags(p.add_argument_group("data"))
+    _model_flags(p.add_argument_group("model"))
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _augmentation_flags(p.add_argument_group("augmentation"))
+    g = models.add_runtime_flags(p)
+    g.add_argument("--sync-bn", action="store_true", help="DDP on CUDA: synchronise BatchNorm")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs", help="output root")
+    g.add_argument("--name", default=None, help="run name (default: model_task)")
+    g.add_argument("--random-seed", type=seed_int, default=0, help="init, order, augmentation")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue last.pt (or the given one) with the same flags; may change only "
+        "--epochs (with --sched constant/plateau) and runtime flags (--device, --threads, ...)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace a run (the old one stays until the end)"
+    )
+    g.add_argument("--eval-test", action="store_true", help="also evaluate on the test part")
+    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
+    g.add_argument(
+        "--split", choices=data.SPLITS, default="val", help="--eval-only: the part to evaluate"
+    )
+    g.add_argument("--linear-eval", default=None, metavar="CKPT", help="per-block linear eval")
+    g.add_argument("--nonlinear", action="store_true", help="linear eval: also an MLP probe")
+    g.add_argument("--linear-epochs", type=positive_int, default=30, help="linear eval epochs")
+    runlog.add_flags(p)  # --log, --checkpoint-hist
+    return p
+
+
+def _data_flags(g) -> None:
     g.add_argument("--data", help="data set path (format auto-detected)")
     g.add_argument("--data-format", default=None, help="override auto-detection")
     g.add_argument(
@@ -143,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CLASS=FACTOR",
-        help="repeat a class FACTOR times per epoch (class name or index); repeatable",
+        help="repeat a class FACTOR times per epoch (class name or index, or @rarest); repeatable",
     )
 
-    g = p.add_argument_group("model")
+
+def _model_flags(g) -> None:
     g.add_argument("--model", default="smallnet", help="built-in (smallnet*) or any timm name")
     g.add_argument("--task", choices=["classify", "rotation"], default="classify")
     g.add_argument(
@@ -158,12 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
     g.add_argument("--drop", type=fraction, default=0.0, help="dropout before the classifier")
     g.add_argument("--drop-path", type=fraction, default=0.0, help="stochastic depth (timm)")
+    g.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute block activations in backward (less memory, more time): smallnet* and "
+        "timm models with set_grad_checkpointing; refused for others",
+    )
 
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_flags(g) -> None:
     g.add_argument("--epochs", type=positive_int, default=10)
-    g.add_argument("--batch-size", type=positive_int, default=256)
-    g.add_argument("--opt", choices=["sgd", "adamw", "adam"], default="sgd")
-    g.add_argument("--lr", type=positive_float, default=None, help=f"default: {DEFAULT_LR}")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="default: the largest of 256/128/64/32/16 giving >= 50 steps per epoch",
+    )
+    g.add_argument(
+        "--opt",
+        type=optimizer_name,
+        default="sgd",
+        metavar="NAME",
+        help="sgd (Nesterov), adamw, adam; rangerlars = Lookahead + RAdam with LARS trust "
+        "ratios; or any timm.optim.list_optimizers() name (lamb, lars, adan, sgdp, ...), also "
+        "as lookahead_NAME (lookahead_radam = Ranger)",
+    )
+    g.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"default: {DEFAULT_LR} at batch 256, scaled with the batch (linear for sgd, "
+        "square root for adam-like)",
+    )
     g.add_argument("--momentum", type=fraction, default=0.9, help="sgd (Nesterov when > 0)")
     g.add_argument("--weight-decay", type=nonneg_float, default=5e-4, help="not on BN/bias")
     g.add_argument(
@@ -172,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--warmup-epochs",
         type=nonneg_float,
-        default=1.0,
-        help="linear warm-up; at most 20%% of the run's steps",
+        default=None,
+        help="linear warm-up; default min(1, 0.1 x --epochs); at most 20%% of the run's steps",
     )
     g.add_argument(
         "--min-lr-ratio", type=probability, default=0.0, help="final/peak lr (cosine, onecycle)"
@@ -185,10 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="step: fractions of training, comma-separated",
     )
     g.add_argument(
-        "--gamma",
-        type=float_range(0, 1, lo_open=True),
-        default=0.1,
-        help="step/plateau: lr factor (0, 1]",
+        "--gamma", type=positive_float, default=0.1, help="step/plateau: lr factor (< 1 decays)"
     )
     g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation")
     g.add_argument("--clip-grad", type=positive_float, default=None, help="max grad norm")
@@ -196,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", default="auto", help="ce|label-smoothing|focal|f1|bce|asl")
     g.add_argument("--smoothing", type=fraction, default=0.1, help="label smoothing (ce)")
 
-    g = p.add_argument_group("augmentation")
+
+def _augmentation_flags(g) -> None:
     g.add_argument(
         "--aug",
         default="flip,crop",
@@ -206,35 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix", choices=["none", "cutmix", "mixup"], default="none")
     g.add_argument("--mix-alpha", type=positive_float, default=1.0, help="Beta(alpha, alpha)")
     g.add_argument("--mix-prob", type=probability, default=0.5, help="fraction of batches mixed")
-
-    g = models.add_runtime_flags(p)
-    g.add_argument("--sync-bn", action="store_true", help="DDP on CUDA: synchronise BatchNorm")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs", help="output root")
-    g.add_argument("--name", default=None, help="run name (default: model_task)")
-    g.add_argument("--random-seed", type=seed_int, default=0, help="init, order, augmentation")
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="continue last.pt (or the given one) with the same flags; may change only "
-        "--epochs (with --sched constant/plateau) and runtime flags (--device, --threads, ...)",
-    )
-    g.add_argument(
-        "--overwrite", action="store_true", help="replace a run (the old one stays until the end)"
-    )
-    g.add_argument("--eval-test", action="store_true", help="also evaluate on the test part")
-    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
-    g.add_argument(
-        "--split", choices=data.SPLITS, default="val", help="--eval-only: the part to evaluate"
-    )
-    g.add_argument("--linear-eval", default=None, metavar="CKPT", help="per-block linear eval")
-    g.add_argument("--nonlinear", action="store_true", help="linear eval: also an MLP probe")
-    g.add_argument("--linear-epochs", type=positive_int, default=30, help="linear eval epochs")
-    runlog.add_flags(p)  # --log, --checkpoint-hist
-    return p
 
 
 def check_flags(args) -> None:
@@ -340,8 +369,124 @@ def make_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0
         )
-    cls = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
-    return cls(groups, lr=args.lr)
+    if args.opt in ("adamw", "adam"):
+        cls = torch.optim.AdamW if args.opt == "adamw" else torch.optim.Adam
+        return cls(groups, lr=args.lr)
+    if args.opt == "rangerlars":
+        return rangerlars(groups, lr=args.lr)
+    return _timm_optimizer(groups, args)
+
+
+# --opt: our three (the defaults, unchanged), "rangerlars", and every name of timm's optimizer
+# factory (timm.optim.list_optimizers(), each also as lookahead_NAME).
+OWN_OPTIMIZERS = ("sgd", "adamw", "adam", "rangerlars")
+# timm names with an SGD-style lr scale (and --momentum); the rest are Adam-like
+SGD_LIKE = {
+    "sgd", "nesterov", "momentum", "sgdp", "sgdw", "sgdc", "csgdc", "csgdp", "csgdw", "lars",
+    "larc", "nlars", "nlarc", "bnbsgd", "bnbsgd8bit", "fusedsgd",
+}  # fmt: skip
+# Adam-like names whose weight decay is an L2 term in the gradient (not decoupled)
+COUPLED_WD = {
+    "adam", "radam", "nadam", "adamax", "adamp", "adabelief", "radabelief", "rmsprop",
+    "rmsproptf", "adagrad", "adadelta", "novograd", "nadamlegacy", "radamlegacy", "rangerlars",
+}  # fmt: skip
+NO_SECOND_ORDER = {"adahessian"}  # needs backward(create_graph=True), which fit does not do
+
+
+def _base_opt(name: str) -> str:
+    return name[len("lookahead_") :] if name.startswith("lookahead_") else name
+
+
+def optimizer_names() -> list[str]:
+    """Every name --opt accepts except the lookahead_NAME forms (timm's names need timm)."""
+    from timm.optim import list_optimizers
+
+    return sorted(set(OWN_OPTIMIZERS) | set(list_optimizers()))
+
+
+def optimizer_name(text: str) -> str:
+    """argparse type of --opt: a known optimizer name (lower case), or a one-line error."""
+    name = str(text).strip().lower()
+    if name in OWN_OPTIMIZERS:
+        return name
+    known = optimizer_names()
+    base = _base_opt(name)
+    if base in NO_SECOND_ORDER:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' needs second-order gradients (backward with create_graph), which this "
+            "training loop does not compute; use adamw, lamb or another first-order optimizer"
+        )
+    if name in known or (base != name and base in known and base != "rangerlars"):
+        return name
+    import difflib
+
+    close = difflib.get_close_matches(base, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown optimizer '{text}'; {hint}use sgd, adamw, adam, rangerlars or a name of "
+        "timm.optim.list_optimizers() (also as lookahead_NAME)"
+    )
+
+
+def opt_family(name: str) -> str:
+    """'sgd', 'adam' (L2 weight decay) or 'adamw' (decoupled): picks default lr and ranges."""
+    base = _base_opt(name)
+    if base in SGD_LIKE:
+        return "sgd"
+    return "adam" if base in COUPLED_WD else "adamw"
+
+
+def default_lr(name: str) -> float:
+    """Peak lr at batch 256 when --lr is not given: 0.2 SGD-like, 2e-4 Lion, 2e-3 the rest."""
+    if "lion" in _base_opt(name):
+        return 2e-4  # Lion's sign updates want a 3-10x smaller lr (Chen et al. 2023)
+    return DEFAULT_LR[opt_family(name)]
+
+
+def _timm_optimizer(groups: list[dict], args) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    kw = {"momentum": args.momentum} if opt_family(args.opt) == "sgd" else {}
+    try:  # the groups carry their own weight_decay (none on norms and biases)
+        return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, **kw)
+    except (ImportError, AssertionError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(
+            f"--opt {args.opt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+            "pick another --opt (e.g. adamw or lamb)"
+        ) from None
+
+
+class RAdamLARS(torch.optim.RAdam):
+    """RAdam whose step of each weight tensor (ndim > 1) is rescaled by the LARS trust ratio:
+    its length becomes lr * min(||w||, 10), as in LARS/LAMB (You et al. 2017, 2019)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        before = {
+            p: p.detach().clone()
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and p.ndim > 1
+        }
+        loss = super().step(closure)
+        for g in self.param_groups:
+            for p in g["params"]:
+                old = before.get(p)
+                if old is None:
+                    continue
+                d = p - old  # -lr * RAdam's direction (weight decay included)
+                d_norm, w_norm = d.norm(), old.norm().clamp(max=10.0)
+                if d_norm > 0 and w_norm > 0:
+                    p.copy_(old + d * (g["lr"] * w_norm / d_norm))
+        return loss
+
+
+def rangerlars(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """--opt rangerlars, the RotNet seed's optimizer: Lookahead (k=6, alpha=0.5; Zhang et al.
+    2019) around RAdam (Liu et al. 2020) with LARS trust ratios (RAdamLARS)."""
+    from timm.optim import Lookahead
+
+    return Lookahead(RAdamLARS(groups, lr=lr), alpha=0.5, k=6)
 
 
 def labelled_subset(labels: torch.Tensor, k: int, seed: int) -> np.ndarray:
@@ -350,6 +495,9 @@ def labelled_subset(labels: torch.Tensor, k: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed + 7919).permutation(len(y))
     keep = [order[y[order] == c][:k] for c in np.unique(y)]
     return np.sort(np.concatenate(keep))
+
+
+RAREST = "@rarest"  # --oversample @rarest=F: the training part's rarest class
 
 
 def oversample_index(labels: torch.Tensor, specs: list[str], classes: list[str]) -> np.ndarray:
@@ -362,6 +510,9 @@ def oversample_index(labels: torch.Tensor, specs: list[str], classes: list[str])
     for spec in specs:
         name, _, factor = spec.partition("=")
         c = classes.index(name) if name in classes else None
+        if c is None and name == RAREST:  # finetune.py --old-aug: the class with fewest images
+            counts = np.bincount(y, minlength=len(classes))
+            c = int(np.where(counts > 0, counts, counts.max() + 1).argmin())
         if c is None and name.lstrip("-").isdigit() and 0 <= int(name) < len(classes):
             c = int(name)
         try:
@@ -574,6 +725,7 @@ def build_model(args, num_classes: int, in_chans: int, img_size) -> nn.Module:
         pretrained=args.pretrained,
         drop_rate=args.drop,
         drop_path_rate=args.drop_path,
+        grad_checkpointing=getattr(args, "grad_checkpointing", False),
     )
     if args.weights:
         sd = models.load_state_dict_file(args.weights)
@@ -742,19 +894,20 @@ class RunDir:
 # args that shape the trajectory of a run (flag = key with "-" for "_")
 RESUME_KEYS = (
     "model", "task", "opt", "amp", "batch_size", "accum_steps", "lr", "momentum",
-    "weight_decay", "sched", "warmup_epochs", "min_lr_ratio", "milestones", "gamma", "epochs",
+    "weight_decay", "sched", "min_lr_ratio", "milestones", "gamma", "epochs",
     "clip_grad", "ema", "loss", "smoothing", "aug", "pad", "mix", "mix_alpha", "mix_prob",
     "drop", "drop_path", "random_seed", "labels_per_class", "oversample", "img_size", "in_chans",
 )  # fmt: skip
 
 
-def fingerprint(args, keys, train_set, record: dict, world: int) -> dict:
-    """What resume depends on: the trajectory flags, the world size, the data and the split."""
+def fingerprint(args, keys, train_set, record: dict, world: int, warmup: int) -> dict:
+    """What resume depends on: the trajectory flags, the warm-up in steps, the world size, the
+    data and the split."""
     h = hashlib.sha1(data.ids_hash(train_set.ids).encode())
     h.update(np.ascontiguousarray(train_set.labels.numpy()).tobytes())
     fp = {k: _plain(getattr(args, k, None)) for k in keys}
-    fp.update(world_size=world, data=h.hexdigest()[:16], split=record.get("val_hash"))
-    return jsonable(fp)
+    fp.update(warmup=warmup, world_size=world, data=h.hexdigest()[:16])
+    return jsonable({**fp, "split": record.get("val_hash")})
 
 
 def _plain(v):
@@ -775,6 +928,8 @@ def fingerprint_changes(saved: dict, now: dict) -> list[str]:
             out.append("the train/val split (other held-out ids)")
         elif k == "world_size":
             out.append(f"{v} processes (was {saved[k]})")
+        elif k == "warmup":
+            out.append(f"a warm-up of {v} steps (was {saved[k]}; see --warmup-epochs)")
         else:
             out.append(f"--{k.replace('_', '-')} {v} (was {saved[k]})")
     return out
@@ -890,8 +1045,6 @@ def fit(args, hooks: FitHooks | None = None) -> dict:
 def _prepare(args, hooks: FitHooks) -> Training:
     """Check every flag and load every input (data, weights, last.pt); nothing is written."""
     check_flags(args)
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.opt]
     if args.name is None:
         args.name = f"{args.model}_{args.task}"
     rank, world = _init_distributed(args)
@@ -914,7 +1067,12 @@ def _prepare(args, hooks: FitHooks) -> Training:
     mean, std = _normalisation(args, train_set, in_chans)
     loss_fn = _build_loss(args, multi_label)
     sample_idx = oversample_index(train_set.labels, args.oversample, train_set.classes)
+    recipe = choose_recipe(args, len(sample_idx), world, rt.device)
+    if rank == 0:
+        print(recipe, flush=True)
     steps_per_epoch = _steps_per_epoch(args, len(sample_idx), world)
+    total = steps_per_epoch * args.epochs
+    warmup = warmup_steps(args.warmup_epochs, steps_per_epoch, total, args.sched)
     model = build_model(args, num_classes, in_chans, img_hw)
     if hooks.prepare_model:
         hooks.prepare_model(model)
@@ -954,7 +1112,9 @@ def _prepare(args, hooks: FitHooks) -> Training:
         opt=opt,
         scaler=torch.amp.GradScaler(rt.device.type, enabled=args.amp == "fp16"),
         loss_fn=loss_fn,
-        fingerprint=fingerprint(args, RESUME_KEYS + hooks.resume_keys, train_set, record, world),
+        fingerprint=fingerprint(
+            args, RESUME_KEYS + hooks.resume_keys, train_set, record, world, warmup
+        ),
         sample_idx=torch.from_numpy(sample_idx),
         steps_per_epoch=steps_per_epoch,
         aug=aug,
@@ -974,6 +1134,61 @@ def _normalisation(args, train_set, in_chans: int) -> tuple[list, list]:
             if len(ck.get("mean", [])) == in_chans:
                 mean, std = ck["mean"], ck["std"]
     return mean, std
+
+
+# Defaults that fit the data size, for the flags not given (CLI or --config): --batch-size the
+# largest of RECIPE_BATCHES that still gives an epoch >= RECIPE_MIN_STEPS optimizer steps; --lr
+# the optimizer's batch-256 default scaled linearly with the batch (Goyal et al. 2017; square
+# root for Adam-like optimizers, Malladi et al. 2022); --warm-up min(1 epoch, 10% of the run).
+RECIPE_BATCHES = (256, 128, 64, 32, 16)
+RECIPE_MIN_STEPS = 50
+RECIPE_WARMUP_FRAC = 0.1
+
+
+def choose_recipe(args, n_samples: int, world: int, device: torch.device) -> str:
+    """Set --batch-size, --lr and --warmup-epochs where they were not given; the reasons."""
+    per_batch = world * args.accum_steps
+
+    def steps(b: int) -> int:
+        return n_samples // (b * per_batch)
+
+    if args.batch_size is None:
+        ok = [b for b in RECIPE_BATCHES if steps(b) >= RECIPE_MIN_STEPS]
+        args.batch_size = ok[0] if ok else RECIPE_BATCHES[-1]
+        why_b = (
+            f"{n_samples} images: {steps(args.batch_size)} steps/epoch; auto = the largest of "
+            f"{'/'.join(map(str, RECIPE_BATCHES))} with >= {RECIPE_MIN_STEPS}"
+        )
+    else:
+        why_b = "--batch-size"
+    if args.lr is None:
+        effective = args.batch_size * per_batch
+        ratio = effective / 256
+        if opt_family(args.opt) == "sgd":
+            args.lr, rule = default_lr(args.opt) * ratio, f"x {effective}/256"
+        else:
+            args.lr, rule = default_lr(args.opt) * ratio**0.5, f"x sqrt({effective}/256)"
+        args.lr = float(f"{args.lr:.4g}")
+        why_lr = f"{default_lr(args.opt):g} at batch 256 {rule}, {args.opt}"
+    else:
+        why_lr = "--lr"
+    spe = max(1, steps(args.batch_size))
+    total = spe * args.epochs
+    if args.warmup_epochs is None:
+        args.warmup_epochs = round(min(1.0, RECIPE_WARMUP_FRAC * args.epochs), 4)
+        why_w = f"auto: min(1 epoch, {RECIPE_WARMUP_FRAC:.0%} of the run)"
+    else:
+        why_w = f"--warmup-epochs, at most {WARMUP_MAX_FRAC:.0%} of the run"
+    w = warmup_steps(args.warmup_epochs, spe, total, args.sched)
+    if device.type == "cpu":
+        has = models._cpu_has_fast_bf16()
+        why_a = "this CPU has AVX512-BF16/AMX" if has else "this CPU has no AVX512-BF16/AMX: fp32"
+    else:
+        why_a = device.type
+    return (
+        f"recipe: batch {args.batch_size} ({why_b}), lr {args.lr:g} ({why_lr}), warm-up {w} of "
+        f"{total} steps ({why_w}), amp {args.amp} ({why_a})"
+    )
 
 
 def _steps_per_epoch(args, n_samples: int, world: int) -> int:

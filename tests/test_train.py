@@ -249,7 +249,7 @@ def one_line_exit_2(capsys, fn) -> str:
         ("--milestones", "half,0.75"), ("--milestones", "0.5,1.5"), ("--split-seed", "-1"),
         ("--random-seed", "x"), ("--threads", "0"), ("--ema", "1"), ("--warmup-epochs", "inf"),
         ("--accum-steps", "0"), ("--pad", "-1"), ("--val-ratio", "1"), ("--smoothing", "1"),
-        ("--gamma", "0"), ("--min-lr-ratio", "2"), ("--kfold", "-2"), ("--linear-epochs", "0"),
+        ("--gamma", "0"), ("--gamma", "-1"), ("--min-lr-ratio", "2"), ("--kfold", "-2"), ("--linear-epochs", "0"),
         ("--in-chans", "2"), ("--amp", "fp8"),
     ],
 )  # fmt: skip
@@ -328,7 +328,7 @@ def interrupted_run(tiny_idx, tmp_path, *extra):
 
 
 def test_resume_with_changed_flags_lists_the_differences(tiny_idx, tmp_path, capsys):
-    interrupted_run(tiny_idx, tmp_path, "--epochs", "2")
+    interrupted_run(tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.05")
     capsys.readouterr()
     last = (tmp_path / "runs" / "r" / "last.pt").read_bytes()
     err = one_line_exit_2(
@@ -337,17 +337,22 @@ def test_resume_with_changed_flags_lists_the_differences(tiny_idx, tmp_path, cap
             tiny_idx, tmp_path, "--epochs", "2", "--resume", "--lr", "0.1", "--batch-size", "16"
         ),
     )
-    assert "--lr 0.1 (was 0.2)" in err and "--batch-size 16 (was 32)" in err
+    assert "--lr 0.1 (was 0.05)" in err and "--batch-size 16 (was 32)" in err
     assert "original flags" in err and "--name" in err
-    err = one_line_exit_2(capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "3", "--resume"))
+    err = one_line_exit_2(
+        capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "3", "--lr", "0.05", "--resume")
+    )
     assert "--epochs 3 (was 2)" in err  # onecycle: the schedule depends on the run's length
     err = one_line_exit_2(
-        capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "2", "--resume", "--val-ratio", "0.2")
+        capsys,
+        lambda: run(
+            tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.05", "--resume", "--val-ratio", "0.2"
+        ),
     )
     assert "train/val split" in err
     assert (tmp_path / "runs" / "r" / "last.pt").read_bytes() == last
     # runtime flags may change
-    run(tiny_idx, tmp_path, "--epochs", "2", "--resume", "--eval-batch-size", "7")
+    run(tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.05", "--resume", "--eval-batch-size", "7")
     assert [r["epoch"] for r in rows(tmp_path / "runs" / "r" / "metrics.jsonl")] == [1, 2]
 
 
