@@ -958,17 +958,18 @@ def _csv_parts(root: Path) -> tuple[Path | None, Path | None]:
     return train, test
 
 
-def _image_folders(csv: Path, part: str) -> list[Path]:
-    """Folders a CSV's image names may be relative to, most specific last-resort last."""
+def _image_folders(csv: Path, part: str) -> Iterator[Path]:
+    """Folders a CSV's image names may be relative to, in the order they are tried (lazily: a
+    CSV among 60k images is not listed unless the usual places fail)."""
     d = csv.parent
-    bases = [d, d / "images", d / part, d / part / "images", d / f"{part}_images", d / csv.stem]
+    fixed = [d, d / "images", d / part, d / part / "images", d / f"{part}_images", d / csv.stem]
+    yield from fixed
     # The competition layout: dirty_mnist_2nd_answer.csv beside dirty_mnist_2nd/, and
     # sample_submission.csv beside test_dirty_mnist_2nd/.
-    subdirs = [e for e in _listdir(d) if e.is_dir()]
-    bases += [e for e in subdirs if csv.stem.startswith(e.name) and len(e.name) >= 3]
+    subdirs = [e for e in _listdir(d) if e not in fixed and e.is_dir()]
+    yield from [e for e in subdirs if csv.stem.startswith(e.name) and len(e.name) >= 3]
     if part == "test":
-        bases += [e for e in subdirs if "test" in e.name.lower()]
-    return list(dict.fromkeys(bases))
+        yield from [e for e in subdirs if "test" in e.name.lower()]
 
 
 def _name_forms(v: str) -> list[str]:
