@@ -430,3 +430,33 @@ def test_metrics_from_probs_hand_computed():
         torch.tensor([[0.9, 0.2], [0.6, 0.7]]), torch.tensor([[1, 0], [0, 1]]), True
     )
     assert ml["acc"] == 0.5 and ml["label_acc"] == 0.75
+
+
+def test_sigkill_during_overwrite_leaves_the_old_run(tiny_idx, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run(tiny_idx, tmp_path, "--epochs", "1")
+    d = tmp_path / "runs" / "r"
+    old = snapshot(d)
+    argv = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny_idx), "--out"]
+    argv += [str(tmp_path / "runs"), "--name", "r", *BASE, "--epochs", "200", "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stage = tmp_path / "runs" / f".r.staging-{proc.pid}"
+    end = time.monotonic() + 120
+    while not (stage / "last.pt").exists():  # the new run is under way, beside the old one
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < end, "the staged run never saved an epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert snapshot(d) == old
+    run(tiny_idx, tmp_path, "--epochs", "1", "--overwrite", "--random-seed", "1")
+    assert sorted(p.name for p in d.parent.iterdir()) == ["r"]  # stale stage and lock cleared
+    assert (d / "best.pt").read_bytes() != old["best.pt"]
