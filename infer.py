@@ -645,24 +645,13 @@ def _seed_positionals(args) -> None:
         args.data, args.checkpoints = ck[-1], ck[:-1]
 
 
-def planned_outputs(args, multi_label: bool) -> list[tuple[str, Path]]:
+def planned_outputs(args) -> list[tuple[str, Path]]:
     """Every file this command may write (flag, path), refused when two are the same file."""
     paths = vote.probs_paths(args.out)
-    outs = [("--out", Path(args.out)), ("--out (metrics)", paths["metrics"])]
-    if args.return_probs:
-        keys = ("npy", "ids", "classes") if args.probs_format == "npy" else ("csv",)
-        outs += [("--return-probs", paths[k]) for k in (*keys, "meta")]
+    extra = [("--out (metrics)", paths["metrics"])]
     if args.tune_threshold:
-        outs.append(("--tune-threshold", paths["thresholds"]))
-    if args.confusion:
-        outs.append(("--confusion", Path(args.confusion)))
-    seen: dict[str, str] = {}
-    for flag, p in outs:
-        key = os.path.realpath(p)
-        if key in seen:
-            raise UserError(f"{flag} {p}: is also the {seen[key]} output; give it another name")
-        seen[key] = flag
-    return outs
+        extra.append(("--tune-threshold", paths["thresholds"]))
+    return vote.planned_outputs(args, extra)
 
 
 def _refuse_outputs_on_inputs(args, outs, data_path: str) -> None:
@@ -716,7 +705,7 @@ def run(args) -> dict:
         args.data_format = args.data_format or meta0.args.get("data_format")
         if not path:
             raise UserError(f"{ckpts[0].path}: records no training data; pass --data PATH")
-    outs = planned_outputs(args, multi_label)
+    outs = planned_outputs(args)
     _refuse_outputs_on_inputs(args, outs, path)
     vote.check_plot_path(args.confusion)
     if args.return_probs:

@@ -1036,13 +1036,15 @@ def _inputs(args) -> list[tuple[str, Path]]:
     return out + [("--config", args.config)]
 
 
-def _outputs(args) -> list[tuple[str, Path]]:
-    """Every file this vote writes, refused when two of them are the same file."""
+def planned_outputs(args, extra: Sequence[tuple[str, Path]] = ()) -> list[tuple[str, Path]]:
+    """(flag, path) of every file a command writes: --out, --return-probs' files beside it,
+    --confusion, and `extra`; UserError when two of them are the same file (vote and infer)."""
     outs = [("--out", Path(args.out))]
     if args.return_probs:
         keys = ("npy", "ids", "classes") if args.probs_format == "npy" else ("csv",)
         paths = probs_paths(args.out)
         outs += [("--return-probs", paths[k]) for k in (*keys, "meta")]
+    outs += list(extra)
     if args.confusion:
         outs.append(("--confusion", Path(args.confusion)))
     seen: dict[str, str] = {}
@@ -1075,7 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError("--return-probs: a hard vote has no probabilities; use --mode soft")
         if args.confusion and not args.labels:
             raise UserError("--confusion: needs --labels (the truth to compare with)")
-        refuse_output_on_input(_outputs(args), _inputs(args))
+        refuse_output_on_input(planned_outputs(args), _inputs(args))
         check_plot_path(args.confusion)
         selection = probs = None
         if mode == "soft":
