@@ -1945,7 +1945,8 @@ def map_labels(
 
     Single-label: each data class name must be one of `classes` (a subset is fine, e.g. a test
     folder lacking some classes); data whose classes are bare indices "0".."n-1" (IDX files or
-    integer labels without names) keep their indices when n <= len(classes). Multi-label: the
+    integer labels without names) keep their indices when n <= len(classes) and the checkpoint's
+    classes are names (none is a number). Multi-label: the
     same class set, columns reordered. Unknown labels (-1) stay -1. ClassMismatchError otherwise
     (and for unlabelled data), naming the classes.
     """
@@ -1971,8 +1972,8 @@ def map_labels(
             )
         return ds.labels[:, torch.tensor([have.index(c) for c in classes])]
     if unknown:
-        if _index_names(have) and len(have) <= len(classes):
-            return ds.labels
+        if _index_names(have) and len(have) <= len(classes) and not any(map(_is_int, classes)):
+            return ds.labels  # unnamed indices onto a named class list: same positions
         raise ClassMismatchError(
             f"{ds.source or 'the data'}: classes {_names(unknown)} are not among {source}'s "
             f"{len(classes)} classes ({_names(classes)}); use data labelled with its classes"

@@ -681,6 +681,8 @@ def test_map_labels_onto_checkpoint_classes():
     assert data.map_labels(sub, ck).tolist() == [1, 2, -1, 2]
     # IDX files / integer labels without names keep their indices
     assert data.map_labels(_labelled(["0", "1"], [1, 0]), ck).tolist() == [1, 0]
+    with pytest.raises(data.ClassMismatchError, match="classes 0 are not among"):
+        data.map_labels(_labelled(["0", "1"], [1, 0]), ["1", "2", "3"])  # numbers: by name only
     with pytest.raises(data.ClassMismatchError, match="classes owl are not among best.pt's 3"):
         data.map_labels(_labelled(["cat", "owl"], [0, 1]), ck, source="best.pt")
     with pytest.raises(data.ClassMismatchError, match="0, 1, 2, 3"):  # 4 indices onto 3 classes
