@@ -7,6 +7,11 @@ Same model, batch size, optimizer, AMP setting and CPU threads for all three, me
   (b) torchvision Dataset of PIL images + transforms + DataLoader(num_workers=2),
   (c) a tight loop over pre-made tensors with no augmentation (the limit).
 Prints images/s and the ratios a/b and a/c for timm resnet18 and the default smallnet.
+
+--mode rotation (also part of --mode all): RotNet (`--task rotation`, every input image goes
+through the net 4 times, once per rotation) next to supervised training with train.fit, as
+images/s per input image and per forward image, plus supervised training at 4x the batch (the
+same forward batch as RotNet) to separate the cost of a bigger batch from the rotation path.
 """
 
 from __future__ import annotations
@@ -30,8 +35,18 @@ import train  # noqa: E402
 from common import format_table  # noqa: E402
 
 
-def ours(path: str, arch: str, n: int, bs: int, amp: str, threads: int) -> float:
-    """images/s of train.fit's 2nd epoch (its own metric; the 1st warms up kernels)."""
+def ours(
+    path: str,
+    arch: str,
+    n: int,
+    bs: int,
+    amp: str,
+    threads: int,
+    task: str = "classify",
+    epochs: int = 1,
+) -> float:
+    """images/s (input images) of train.fit's last epoch, its own metric (2 epochs: the first
+    warms up kernels)."""
     with tempfile.TemporaryDirectory() as out:
         args = train.build_parser().parse_args(
             [
@@ -40,7 +55,9 @@ def ours(path: str, arch: str, n: int, bs: int, amp: str, threads: int) -> float
                 "--model",
                 arch,
                 "--epochs",
-                "1",
+                str(epochs),
+                "--task",
+                task,
                 "--batch-size",
                 str(bs),
                 "--labels-per-class",
@@ -142,6 +159,40 @@ def bare(images, labels, mean, std, arch, bs, amp, threads) -> float:
     return len(idx) * bs / (time.perf_counter() - t0)
 
 
+def rotation_rows(a, amp: str) -> list[list]:
+    """Supervised vs RotNet images/s of train.fit, per input and per forward image."""
+    rows = []
+    for arch in a.models.split(","):
+        n = a.images if arch.startswith("smallnet") else a.images // 4
+        sup = sup4 = rot = 0.0
+        for _ in range(a.repeats):  # interleaved, best of --repeats
+            sup = max(sup, ours(a.data, arch, n, a.batch_size, amp, a.threads, epochs=2))
+            rot = max(
+                rot, ours(a.data, arch, n, a.batch_size, amp, a.threads, "rotation", epochs=2)
+            )
+            sup4 = max(sup4, ours(a.data, arch, n, 4 * a.batch_size, amp, a.threads, epochs=2))
+        rows.append(
+            [arch, round(sup), round(sup4), round(rot), round(4 * rot), f"{4 * rot / sup:.2f}",
+             f"{4 * rot / sup4:.2f}"]
+        )  # fmt: skip
+        print(
+            f"{arch}: supervised {sup:.0f}, x4 batch {sup4:.0f}, rotation {rot:.0f} in/s",
+            flush=True,
+        )
+    return rows
+
+
+ROT_HEADER = [
+    "model",
+    "supervised img/s (batch B)",
+    "supervised img/s (batch 4B)",
+    "RotNet input img/s (batch B)",
+    "RotNet forward img/s (4B)",
+    "RotNet fwd / sup",
+    "RotNet fwd / sup 4B",
+]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/fashion-mnist"))
@@ -151,13 +202,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default="smallnet_s,resnet18")
     p.add_argument("--repeats", type=int, default=2, help="best of N measurements of each")
+    p.add_argument("--mode", choices=["all", "pipeline", "rotation"], default="all")
     a = p.parse_args()
     amp = models.resolve_amp("cpu", a.amp)
     full, _ = data.load_split(a.data, "train")
     sub = full.subset(train.labelled_subset(full.labels, a.images // 10, 0))
     mean, std = data.mean_std(sub.images)
     rows = []
-    for arch in a.models.split(","):
+    for arch in a.models.split(",") if a.mode != "rotation" else []:
         n = a.images if arch.startswith("smallnet") else a.images // 4  # resnet18 is slow on CPU
         s = sub.subset(range(n))
         # best of --repeats, interleaved, so a noisy moment does not decide a ratio
@@ -170,8 +222,12 @@ def main() -> None:
             rc = max(rc, bare(s.images, s.labels, mean, std, arch, a.batch_size, amp, a.threads))
         rows.append([arch, round(ra), round(rb), round(rc), f"{ra / rb:.2f}", f"{ra / rc:.2f}"])
         print(f"{arch}: ours {ra:.0f}  per-sample {rb:.0f}  bare {rc:.0f} img/s", flush=True)
+    rot = rotation_rows(a, amp) if a.mode != "pipeline" else []
     print(f"\namp={amp}, threads={a.threads}, batch {a.batch_size}")
-    print(format_table(rows, ["model", "a: ours", "b: per-sample", "c: bare", "a/b", "a/c"]))
+    if rows:
+        print(format_table(rows, ["model", "a: ours", "b: per-sample", "c: bare", "a/b", "a/c"]))
+    if rot:
+        print(format_table(rot, ROT_HEADER))
 
 
 if __name__ == "__main__":
