@@ -433,22 +433,9 @@ def ensemble_predict(args, ckpts: Sequence[Member], path: str, split: str, views
 
 def threshold_arg(text: str) -> str:
     """argparse type of --threshold: a probability in [0, 1] or the path of a thresholds file."""
-    try:
-        float(text)
-    except ValueError:
-        return text
-    probability(text)  # a number: it must be a probability
+    if _is_number(text):
+        probability(text)
     return text
-
-
-def read_thresholds(text: str, classes: list[str]) -> np.ndarray:
-    """--threshold: a number for every class, or a JSON file written by --tune-threshold."""
-    try:
-        return np.full(len(classes), probability(text))
-    except argparse.ArgumentTypeError:
-        if _is_number(text):
-            raise UserError(f"--threshold {text}: must be a probability in [0, 1]") from None
-    return _thresholds_file(Path(text), classes)
 
 
 def _is_number(text: str) -> bool:
@@ -457,6 +444,14 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def read_thresholds(text: str, classes: list[str]) -> np.ndarray:
+    """--threshold (checked by threshold_arg): one number for every class, or a JSON file
+    written by --tune-threshold."""
+    if _is_number(text):
+        return np.full(len(classes), float(text))
+    return _thresholds_file(Path(text), classes)
 
 
 def _thresholds_file(p: Path, classes: list[str]) -> np.ndarray:
