@@ -610,8 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--threshold",
         type=threshold_arg,
-        default="0.5",
-        help="multi-label: probability threshold, or a .thresholds.json from --tune-threshold",
+        default=None,
+        help="multi-label: probability threshold (None: 0.5), or a .thresholds.json from "
+        "--tune-threshold",
     )
     g.add_argument(
         "--tune-threshold",
@@ -652,7 +653,7 @@ def planned_outputs(args) -> list[tuple[str, Path]]:
 def _refuse_outputs_on_inputs(args, outs, data_path: str) -> None:
     """No output may be a checkpoint, the thresholds file, the config, or a file of the data."""
     inputs = [("CKPT", p) for p in args.checkpoints] + [("--config", args.config)]
-    if not _is_number(args.threshold):
+    if args.threshold is not None and not _is_number(args.threshold):
         inputs.append(("--threshold", args.threshold))
     root = Path(data_path)
     if root.is_file():
@@ -693,7 +694,9 @@ def run(args) -> dict:
         for m in ckpts:  # the dry run is on the CPU
             models._check_size(m.model.cpu(), m.meta.arch, int(m.meta.in_chans), args.img_size)
             m.model.to(rt.device)
-    thresholds = read_thresholds(args.threshold, classes) if multi_label else None
+    if args.threshold is not None and not multi_label:
+        raise UserError("--threshold: only for multi-label checkpoints (single-label: argmax)")
+    thresholds = read_thresholds(args.threshold or "0.5", classes) if multi_label else None
     path = args.data
     if not path:  # the data the first checkpoint was trained on
         path = meta0.args.get("data")

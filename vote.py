@@ -981,8 +981,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold",
         type=probability,
-        default=0.5,
-        help="multi-label: predict a class at prob >= this",
+        default=None,
+        help="multi-label: predict a class at prob >= this (None: 0.5)",
     )
     p.add_argument(
         "--tiebreak",
@@ -1079,6 +1079,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError("--confusion: needs --labels (the truth to compare with)")
         refuse_output_on_input(planned_outputs(args), _inputs(args))
         check_plot_path(args.confusion)
+        given_threshold = args.threshold is not None
+        args.threshold = 0.5 if args.threshold is None else args.threshold
         selection = probs = None
         if mode == "soft":
             ids, labels, classes, multi, kind, probs, weights, selection = _soft(
@@ -1086,6 +1088,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
         else:
             ids, labels, classes, multi, kind = _hard(args, files, weights)
+        if given_threshold and not multi:
+            raise UserError("--threshold: the inputs are single-label (argmax); drop it")
         scores, cm = (
             _report_scores(args, ids, labels, classes, multi) if args.labels else ({}, None)
         )

@@ -454,3 +454,10 @@ def test_tta_views_use_the_augmentation_ops_of_data_py():
         )
     k = torch.tensor([0, 1, 2, 3])
     assert all(torch.equal(data.rot90(x, k)[i], data.rot90(x[i : i + 1], i)[0]) for i in range(4))
+
+
+def test_threshold_for_single_label_is_refused(tiny_idx, tmp_path, capsys):
+    ck = save_ckpt(tmp_path / "a.pt", tiny_idx)
+    code, err = run_cli([ck, "--data", str(tiny_idx), "--threshold", "0.3", "--out",
+                         str(tmp_path / "s.csv")], capsys)  # fmt: skip
+    assert code == 2 and "--threshold" in err and not (tmp_path / "s.csv").exists()

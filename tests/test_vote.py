@@ -522,3 +522,16 @@ def test_metric_aliases_are_one_vocabulary():
         vote.score_probs(p, y, "acc") == vote.score_probs(p, y, "accuracy") == pytest.approx(2 / 3)
     )
     assert common.metric_name("macro_f1") == "macro-f1" and common.metric_name("ACC") == "accuracy"
+
+
+def test_threshold_for_single_label_is_refused_and_zero_is_kept(tmp_path, capsys):
+    ids = ["1", "2"]
+    vote.write_probs(tmp_path / "s.csv", ids, np.array([[0.6, 0.4], [0.3, 0.7]]), ["x", "y"])
+    m = tmp_path / "m.csv"
+    vote.write_probs(m, ids, np.array([[0.1, 0.0], [0.3, 0.7]]), ["x", "y"], multi_label=True)
+    err = _exit2(
+        [str(tmp_path / "s.npy"), "--threshold", "0.3", "--out", str(tmp_path / "o.csv")], capsys
+    )
+    assert "--threshold" in err and "single-label" in err and not (tmp_path / "o.csv").exists()
+    vote.main([str(tmp_path / "m.npy"), "--threshold", "0", "--out", str(tmp_path / "o.csv")])
+    assert (tmp_path / "o.csv").read_text().splitlines()[1:] == ["1,1,1", "2,1,1"]  # p >= 0
