@@ -473,12 +473,131 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     the config file go through the same flag types as the command line.
     """
     parser.error = _one_line_error(parser)
+    argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else list(argv), parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**_read_config(known.config, parser))
+    defaults = _read_config(known.config, parser) if known.config else {}
+    if dotted:  # `train.batch_size=512 optim.lr=5e-3`: over the file, under the flags
+        defaults.update(_config_entries(dotted, parser, "command line", nested=False))
+    if defaults:
+        parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+# The dirty-MNIST seed's nested YAML (sections data/model/optim/train) and its dotted command-line
+# overrides: SECTION.KEY -> the flag below; any other SECTION.KEY -> --KEY when that is a flag of
+# the script; keys with no equivalent are named in one warning (README "coming from ...").
+CONFIG_SECTIONS = ("data", "model", "optim", "train")
+SEED_CONFIG_KEYS = {
+    "data.image_size": "img_size",
+    "data.train.labels": "data",  # the answer CSV; its images lie beside it
+    "model.model_name": "model",
+    "model.name": "model",
+    "model.drop_rate": "drop",
+    "model.drop_path_rate": "drop_path",
+    "optim.opt": "opt",
+    "optim.name": "opt",
+    "train.accumulate_grad_batches": "accum_steps",
+    "train.gradient_clip_val": "clip_grad",  # 0 = off
+    "train.gradient_checkpointing": "grad_checkpointing",
+    "train.seed": "random_seed",
+    "train.num_workers": "workers",
+}
+SEED_CONFIG_IGNORED = {
+    "data.train.filenames": "images are found beside data.train.labels",
+    "data.validation.filenames": "the held-out part is --val-ratio of --data",
+    "data.validation.labels": "the held-out part is --val-ratio of --data",
+    "model.num_classes": "taken from the data",
+    "optim.betas": "optimizer defaults",
+    "optim.eps": "optimizer defaults",
+    "optim.filter_bias_and_bn": "no weight decay on norms and biases, always",
+    "train.validation_interval": "validation after every epoch",
+    "train.log_every_n_steps": "one log row per epoch",
+}
+
+
+def split_dotted_overrides(argv: list[str], parser: argparse.ArgumentParser):
+    """(argv without them, {"train.batch_size": "512", ...}) for SECTION.KEY=VALUE arguments
+    that are not the value of a preceding option."""
+    rest, dotted = [], {}
+    for i, a in enumerate(argv):
+        prev = argv[i - 1] if i else ""
+        prev_action = parser._option_string_actions.get(prev.split("=", 1)[0])
+        takes_value = prev_action is not None and prev_action.nargs in (None, 1, "+", "*")
+        takes_value = takes_value and "=" not in prev
+        if _DOTTED.match(a) and not takes_value:
+            k, _, v = a.partition("=")
+            dotted[k] = _scalar(v)
+        else:
+            rest.append(a)
+    return rest, dotted
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)+=")
+
+
+def _scalar(text: str):
+    """A command-line override's value: true/false/null as in YAML, anything else as given."""
+    low = text.strip().lower()
+    return {"true": True, "false": False, "null": None, "none": None}.get(low, text)
+
+
+def flatten_config(cfg: dict, dests: set[str], prefix: str = "") -> dict:
+    """Nested sections -> dotted keys ({"train": {"batch_size": 8}} -> {"train.batch_size": 8});
+    a top-level key that is a flag keeps its value (a dict there is a bad value), except the
+    seed's section names (--data is a flag, `data:` a section)."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        section = prefix or k in CONFIG_SECTIONS or _dest(k) not in dests
+        if isinstance(v, dict) and section:
+            out.update(flatten_config(v, dests, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _dest(key: str) -> str:
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def _config_entries(flat: dict, parser: argparse.ArgumentParser, where: str, nested: bool) -> dict:
+    """Flag dest -> checked value for each (dotted) key; unknown keys refused, seed keys with no
+    equivalent (or, in a nested file, keys for another script) named in one warning."""
+    actions = {a.dest: a for a in parser._actions}
+    out, ignored, mapped = {}, [], []
+    for k, v in flat.items():
+        dest = _dest(k)
+        if dest not in actions and "." in k:
+            if k in SEED_CONFIG_KEYS:
+                dest = SEED_CONFIG_KEYS[k]
+                if dest == "clip_grad" and v in (0, 0.0, "0", "0.0"):
+                    v = None
+            else:
+                dest = _dest(k.rsplit(".", 1)[1])
+            if dest in actions:
+                mapped.append(f"{k} -> --{dest.replace('_', '-')}")
+        if dest not in actions:
+            if k in SEED_CONFIG_IGNORED or (nested and "." in k and k in SEED_CONFIG_KEYS):
+                ignored.append(f"{k} ({SEED_CONFIG_IGNORED.get(k, 'not a flag of this script')})")
+                continue
+            raise UserError(
+                f"{where}: unknown key '{k}'; use flag names from --help (nested SECTION.KEY: "
+                "see README 'Coming from ...')"
+            )
+        out[dest] = _config_value(actions[dest], v, f"{where}: key '{k}'")
+    for line in (
+        f"config ({where}): {', '.join(mapped)}" if mapped else "",
+        f"config ({where}): ignored, no equivalent: {', '.join(ignored)}" if ignored else "",
+    ):
+        if line and line not in _SAID:  # a script may parse its argv twice (finetune.py)
+            _SAID.add(line)
+            print(line, file=sys.stderr)
+    return out
+
+
+_SAID: set[str] = set()
 
 
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -505,14 +624,9 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"{path}: cannot parse config ({e}); fix the syntax") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: config must be a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions}
-    out = {}
-    for k, v in cfg.items():
-        dest = k.lstrip("-").replace("-", "_")
-        if dest not in actions:
-            raise UserError(f"{path}: unknown key '{k}'; use flag names from --help")
-        out[dest] = _config_value(actions[dest], v, f"{path}: key '{k}'")
-    return out
+    dests = {a.dest for a in parser._actions}
+    flat = flatten_config(cfg, dests)
+    return _config_entries(flat, parser, path, nested=len(flat) != len(cfg) or flat != cfg)
 
 
 def _config_value(action: argparse.Action, v, where: str):

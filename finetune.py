@@ -101,15 +101,16 @@ def grid_point(i: int, opt: str = "sgd", epoch_scale: float = 1.0) -> dict:
     """Hyper-parameters of grid point i (0 = linear probe); deterministic for all time."""
     if not 0 <= i < GRID_SIZE:
         raise UserError(f"--i {i}: the grid has points 0..{GRID_SIZE - 1}; pick one of those")
+    fam = train.opt_family(opt)  # any --opt name: its sgd/adam/adamw family's ranges
     if i == 0:
-        lr, wd, epochs = train.DEFAULT_LR[opt], DEFAULT_WD[opt], max(1, round(4 * epoch_scale))
+        lr, wd, epochs = train.default_lr(opt), DEFAULT_WD[fam], max(1, round(4 * epoch_scale))
         return dict(zip(GRID_KEYS, (lr, wd, epochs, 0.0, "none", 1.0, 0.5, "none", True)))
     # One fixed table of uniforms: point i's values never depend on other settings' draws.
     u = np.random.default_rng(GRID_SEED).random((GRID_SIZE, 10))[i]
     mixed = u[5] >= 0.5
     values = (
-        _log_uniform(u[0], *LR_RANGE[opt]),
-        _log_uniform(u[1], *WD_RANGE[opt]),
+        _log_uniform(u[0], *LR_RANGE[fam]),
+        _log_uniform(u[1], *WD_RANGE[fam]),
         max(1, round((1 + int(u[2] * 4)) * epoch_scale)),
         round(0.225 * u[4], 3) if u[3] >= 0.5 else 0.0,
         ("cutmix" if u[6] < 0.5 else "mixup") if mixed else "none",  # mix
@@ -193,8 +194,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each rank prints 'rank R final <sha1 of its weights>' (DDP checks)",
     )
+    add_seed_flags(p)  # the model-soups seed's --loss-fn and --old-aug
     add_search_flags(p)  # --search, --storage, --study, --search-report, --export-top
     return p
+
+
+def _true_false(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not True or False")
+
+
+def add_seed_flags(p: argparse.ArgumentParser) -> None:
+    """Aliases of the model-soups mask seed's fine-tuning flags."""
+    g = p.add_argument_group("model-soups seed aliases")
+    g.add_argument(
+        "--loss-fn",
+        dest="loss",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="alias of --loss; also the seed's names CrossEntropyLoss (ce) and ContrastiveLoss "
+        "(supcon)",
+    )
+    g.add_argument(
+        "--old-aug",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_true_false,
+        metavar="True|False",
+        help="oversample the training part's rarest class once more (2x per epoch, as the seed "
+        "did for age >= 60: --oversample @rarest=2); its copies are augmented anew each batch",
+    )
 
 
 def explicit_dests(argv) -> set[str]:
@@ -507,8 +541,118 @@ def run_dir_state(args, run_dir: Path) -> str | None:
 # ---------------------------------------------------------------------------
 
 
+# The built-in default start: what `bash run_all.sh` makes with its defaults (RUN=default, its
+# synth_letters and base stages), so `finetune.py --i 3` alone and run_all.sh share one data set
+# and one base model (tests/test_seeds.py checks these against run_all.sh).
+DEFAULT_START = {
+    "run": "default",  # <out>/default/{data,base,ft}, as run_all.sh's $RUNS_DIR/$RUN
+    "num_images": 10000,
+    "num_test": 2000,
+    "img_size": 28,
+    "seed": 0,
+    "model": "smallnet_s",
+    "epochs": 5,
+    "aug": "crop",  # letters are not mirror-invariant
+    "workers": 2,  # synth.py processes (the bytes do not depend on it)
+}
+
+
+def resolve_start(args, explicit: set[str]) -> None:
+    """No --data and no --weights: the default start (made on first use, then reused).
+    --data without a start (--weights or --pretrained): refused, never random weights."""
+    if args.data and not args.weights and not args.pretrained:
+        raise UserError(
+            f"--data {args.data} without --weights: fine-tuning needs a trained start; pass "
+            "--weights CKPT (e.g. runs/default/base/best.pt of train.py), --pretrained for timm "
+            "hub weights, or train from scratch with train.py"
+        )
+    if args.data or args.weights:
+        return
+    root = Path(args.out) / DEFAULT_START["run"]
+    data_dir, base_dir = default_start(root, args)
+    args.data, args.weights = str(data_dir), str(base_dir / "best.pt")
+    args.out = str(root)
+    for k, v in (("name", "ft"), ("aug", DEFAULT_START["aug"]), ("same_split", True)):
+        if k not in explicit:  # run_all.sh's ingredient flags
+            setattr(args, k, v)
+            explicit.add(k)
+
+
+def default_start(root: Path, args) -> tuple[Path, Path]:
+    """Make (or reuse) <root>/data (synth.py letters) and <root>/base (train.py), with the flags
+    run_all.sh uses; one process at a time (others wait for it)."""
+    import time
+
+    from common import DirLock
+
+    d, lock = DEFAULT_START, DirLock(root, "--out")
+    for waited in range(3600):
+        try:
+            lock.acquire()
+            break
+        except UserError as e:
+            if waited == 0:
+                print(f"waiting: {e}", flush=True)
+            time.sleep(1)
+    else:
+        raise UserError(f"{root}: still in use after an hour; rerun when the other command ends")
+    try:
+        data_dir, base_dir = root / "data", root / "base"
+        runtime = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("device", "amp")]
+        runtime += [f"--threads={args.threads}"] if getattr(args, "threads", None) else []
+        if (data_dir / "synth.json").exists():
+            print(f"default data: reusing {data_dir} (synthetic letters)", flush=True)
+        else:
+            print(
+                f"default data: no --data given, making {data_dir}: {d['num_images']} + "
+                f"{d['num_test']} test synthetic letters, {d['img_size']} px (synth.py, as "
+                "run_all.sh does; reused next time)",
+                flush=True,
+            )
+            import synth
+
+            _run_default(synth.main, [
+                "--mode", "letters", "--output-dir", str(data_dir), "--num-images",
+                str(d["num_images"]), "--num-test", str(d["num_test"]), "--img-size",
+                str(d["img_size"]), "--seed", str(d["seed"]), "--workers", str(d["workers"]), "--overwrite",
+                "--quiet",
+            ], "synth.py")  # fmt: skip
+        if (base_dir / "summary.json").exists() and (base_dir / "best.pt").exists():
+            print(f"default start: reusing {base_dir / 'best.pt'}", flush=True)
+        else:
+            print(
+                f"default start: no --weights given, training {base_dir / 'best.pt'}: "
+                f"{d['model']}, {d['epochs']} epochs, --aug {d['aug']} (train.py, as run_all.sh "
+                "does; reused next time)",
+                flush=True,
+            )
+            resume = ["--resume"] if (base_dir / "last.pt").exists() else []
+            _run_default(train.main, [
+                "--data", str(data_dir), "--out", str(root), "--name", "base", "--model",
+                d["model"], "--random-seed", str(d["seed"]), "--epochs", str(d["epochs"]),
+                "--aug", d["aug"], "--eval-test", "--quiet", *runtime, *resume,
+            ], "train.py")  # fmt: skip
+        return data_dir, base_dir
+    finally:
+        lock.release()
+
+
+def _run_default(main_fn, argv: list[str], what: str) -> None:
+    try:
+        main_fn(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise UserError(
+                f"making the default start failed ({what} {' '.join(argv)}); see above, or pass "
+                "--data and --weights"
+            ) from None
+
+
 def finetune(args, explicit: set[str]) -> dict:
     """Resolve grid point and start, then train.fit with the fine-tuning hooks."""
+    resolve_start(args, explicit)
+    if args.old_aug:
+        args.oversample = [*args.oversample, f"{train.RAREST}=2"]
     keep: dict = {"grid": apply_grid(args, explicit)}
     adopt_start(args, explicit)
     check_args(args)
@@ -532,6 +676,12 @@ def finetune(args, explicit: set[str]) -> dict:
         )
         print(f"grid point {args.i} ({method}): {shown or 'all values from flags'}", flush=True)
     summary = train.fit(args, fit_hooks(args, keep))
+    if _rank() == 0:
+        print(
+            f"ingredient: {run_dir / 'best.pt'} (best val acc {summary.get('best_val_acc')}); "
+            f"soup it with python soup.py --ingredients {Path(args.out) / base}/*/best.pt",
+            flush=True,
+        )
     if args.report_ranks and "model" in keep:
         # one write: ranks share the terminal, and print's separate "\n" write can interleave
         sys.stdout.write(f"rank {_rank()} final {state_hash(keep['model'].state_dict())}\n")
@@ -868,11 +1018,13 @@ def run_search(args, argv) -> dict:
         if not args.data:
             raise UserError("--data is required (a data set path; see python data.py --help)")
     optuna = _import_optuna()
+    probe = copy.deepcopy(args)
+    if args.search or args.weights:
+        adopt_start(probe, explicit)  # --model etc. from --weights, before the space is made
+    args.name = _search_base(probe)  # <model>_ft by default, as finetune() names it
     url = args.storage or default_storage(args)
     result: dict = {}
     if args.search:
-        probe = copy.deepcopy(args)
-        adopt_start(probe, explicit)  # --model etc. from --weights, before the space is made
         space = search_space(probe, explicit)
         check = copy.deepcopy(probe)
         if "epochs" in space["dims"]:

@@ -1,0 +1,102 @@
+"""Learning-rate schedules end where they say, warm-up stays a fraction of the run (issue 15.9),
+and the default recipe fits the data size (issue 16.2). Expected values are hand-computed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import make_patterns, write_idx
+
+import train
+from common import read_jsonl
+
+FAST = ["--threads", "1", "--quiet", "--device", "cpu", "--model", "smallnet_s"]
+
+
+@pytest.fixture(scope="module")
+def idx200(tmp_path_factory):
+    """200 images: 180 train / 20 val; batch 16 gives 11 optimizer steps per epoch."""
+    root = tmp_path_factory.mktemp("sched") / "d"
+    x, y = make_patterns(200)
+    write_idx(root, "train", x, y)
+    return root
+
+
+def run_lrs(data, tmp_path, sched, epochs, *extra) -> list[float]:
+    """The lr of the last optimizer step of each epoch, from metrics.jsonl (real CLI run)."""
+    name = f"{sched}_{epochs}"
+    argv = ["--data", str(data), "--out", str(tmp_path), "--name", name, "--sched", sched]
+    argv += ["--epochs", str(epochs), "--batch-size", "16", "--lr", "0.1", "--aug", "none"]
+    argv += ["--min-lr-ratio", "0.1", "--gamma", "0.5", "--warmup-epochs", "1", *FAST, *extra]
+    train.main(argv)
+    return [r["lr"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_warmup_is_capped_at_a_fifth_of_the_run():
+    # 1 epoch of 30 steps with --warmup-epochs 1: 6 steps (20%), not all 30
+    assert train.warmup_steps(1.0, 30, 30, "onecycle") == 6
+    assert train.warmup_steps(1.0, 30, 300, "cosine") == 30  # 10 epochs: 1 epoch is 10%
+    assert train.warmup_steps(0.5, 30, 300, "cosine") == 15
+    assert train.warmup_steps(1.0, 3, 3, "cosine") == 0  # too short to warm up at all
+    assert train.warmup_steps(1.0, 30, 300, "constant") == 0
+    assert train.warmup_steps(0.0, 30, 300, "step") == 0
+
+
+def test_lr_factor_hand_computed():
+    # total 10, warm-up 2: 0.5, 1.0, then the decay starts at 1 and reaches its end at step 9
+    f = [train.lr_factor(s, 10, 2, "cosine", min_ratio=0.1) for s in range(10)]
+    assert f[:3] == [0.5, 1.0, 1.0]
+    assert f[9] == pytest.approx(0.1)
+    # step 5: t = 3/7, 0.1 + 0.9 * 0.5 * (1 + cos(3 pi / 7)) = 0.650134...
+    assert f[5] == pytest.approx(0.1 + 0.45 * (1 + math.cos(3 * math.pi / 7)))
+    assert f[5] == pytest.approx(0.650134, abs=1e-6)
+    g = [train.lr_factor(s, 10, 2, "onecycle") for s in range(10)]
+    assert g[2] == 1.0 and g[9] == 0.0 and g[5] == pytest.approx(4 / 7)
+    h = [train.lr_factor(s, 8, 0, "step", (0.5, 0.75), 0.1) for s in range(8)]
+    assert h == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert train.lr_factor(7, 8, 2, "constant") == 1.0
+
+
+def test_plateau_reduces_after_patience_epochs():
+    state = train.TrainState()
+    scales = []
+    for loss in (1.0, 0.9, 0.95, 0.92, 0.9, 0.91, 0.5):
+        train.plateau_update(state, loss, 0.5)
+        scales.append(state.plateau_scale)
+    # improves, improves, worse (1), worse (2 -> x0.5, reset), same as best (1), worse (2 ->
+    # x0.5), improves
+    assert scales == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+# ---------------------------------------------------------------------------
+# The final lr of 1-, 2- and 5-epoch runs through train.py (lr 0.1, 11 steps per epoch)
+
+# cosine/onecycle end at --min-lr-ratio 0.1 -> 0.01; step (milestones 0.5,0.75, gamma 0.5)
+# at 0.1 * 0.5**2 = 0.025; constant and plateau (loss keeps falling here) stay at 0.1.
+FINAL = {"cosine": 0.01, "onecycle": 0.01, "step": 0.025, "constant": 0.1}
+
+
+@pytest.mark.parametrize("sched", sorted(FINAL))
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_final_lr_of_each_schedule(idx200, tmp_path, sched, epochs):
+    lrs = run_lrs(idx200, tmp_path, sched, epochs)
+    assert len(lrs) == epochs
+    assert lrs[-1] == pytest.approx(FINAL[sched], rel=1e-6)
+
+
+def test_two_epoch_cosine_mid_value(idx200, tmp_path):
+    # 22 steps, warm-up min(11, int(0.2 * 22)) = 4; the last step of epoch 1 is step 10:
+    # t = 6/17, lr = 0.1 * (0.1 + 0.9 * 0.5 * (1 + cos(6 pi / 17))) = 0.0750582...
+    lrs = run_lrs(idx200, tmp_path, "cosine", 2)
+    assert lrs[0] == pytest.approx(0.0750582, abs=1e-6)
+
+
+def test_plateau_one_and_two_epochs_end_at_peak(idx200, tmp_path):
+    # warm-up (2 resp. 4 steps) is over before the end, and no plateau can be detected yet
+    assert run_lrs(idx200, tmp_path, "plateau", 1)[-1] == pytest.approx(0.1)
+    assert run_lrs(idx200, tmp_path, "plateau", 2)[-1] == pytest.approx(0.1)
