@@ -536,7 +536,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.module = copy.deepcopy(_unwrap(model)).eval()
+        self.module = copy.deepcopy(models.unwrap(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -544,7 +544,7 @@ class EMA:
         """ema = d * ema + (1 - d) * model (models.interpolate_state: integer buffers copied)."""
         decay = min(self.decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            sd = _unwrap(model).state_dict()
+            sd = models.unwrap(model).state_dict()
             models.interpolate_state(self.module.state_dict(), sd, 1.0 - decay, inplace=True)
 
     def state_dict(self) -> dict:
@@ -552,10 +552,6 @@ class EMA:
 
     def load_state_dict(self, sd: dict) -> None:
         self.module.load_state_dict(sd)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return models.unwrap(model)
 
 
 # ---------------------------------------------------------------------------
@@ -865,7 +861,7 @@ class RunDir:
             write_jsonl(path, keep)
 
     def save_best(self, name: str, model: nn.Module, meta: dict, row: dict) -> None:
-        models.save_checkpoint(self.path / name, _unwrap(model), {**meta, "metrics": row})
+        models.save_checkpoint(self.path / name, model, {**meta, "metrics": row})
 
     def save_last(self, t: Training) -> None:
         extra = {
@@ -880,7 +876,7 @@ class RunDir:
             extra["ema_state_dict"] = t.ema.state_dict()
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-        models.save_checkpoint(self.path / "last.pt", _unwrap(t.model), t.meta, extra=extra)
+        models.save_checkpoint(self.path / "last.pt", t.model, t.meta, extra=extra)
 
     def rows(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
@@ -905,13 +901,9 @@ def fingerprint(args, keys, train_set, record: dict, world: int, warmup: int) ->
     data and the split."""
     h = hashlib.sha1(data.ids_hash(train_set.ids).encode())
     h.update(np.ascontiguousarray(train_set.labels.numpy()).tobytes())
-    fp = {k: _plain(getattr(args, k, None)) for k in keys}
-    fp.update(warmup=warmup, world_size=world, data=h.hexdigest()[:16])
-    return jsonable({**fp, "split": record.get("val_hash")})
-
-
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
+    fp = {k: getattr(args, k, None) for k in keys}
+    fp.update(warmup=warmup, world_size=world, data_hash=h.hexdigest()[:16])
+    return jsonable({**fp, "val_hash": record.get("val_hash")})
 
 
 def fingerprint_changes(saved: dict, now: dict) -> list[str]:
@@ -922,9 +914,9 @@ def fingerprint_changes(saved: dict, now: dict) -> list[str]:
             continue
         if k == "epochs" and now.get("sched") in EPOCHS_FREE_SCHEDS:
             continue
-        if k == "data":
+        if k == "data_hash":
             out.append("the training data (other images or labels)")
-        elif k == "split":
+        elif k == "val_hash":
             out.append("the train/val split (other held-out ids)")
         elif k == "world_size":
             out.append(f"{v} processes (was {saved[k]})")
@@ -1211,12 +1203,11 @@ def _restore(t: Training, path: Path) -> None:
             f"{path}: holds no training state (a best.pt or an exported model?); --resume needs "
             f"the last.pt of a run, e.g. {Path(t.args.out) / t.args.name / 'last.pt'}"
         )
-    saved = ck.get("resume_fingerprint") or {  # older last.pt: compare its recorded flags
-        **{k: _plain(ck.get("args", {}).get(k)) for k in t.fingerprint if k in ck.get("args", {})},
-        "split": (ck.get("split") or {}).get("val_hash"),
-    }
-    if "model" not in saved:
-        saved["model"] = ck["arch"]
+    old_args = ck.get("args") or {}  # a last.pt without a fingerprint: its recorded flags
+    saved = ck.get("resume_fingerprint") or jsonable(
+        {k: old_args[k] for k in t.fingerprint if k in old_args}
+        | {"model": ck["arch"], "val_hash": (ck.get("split") or {}).get("val_hash")}
+    )
     changes = fingerprint_changes(saved, t.fingerprint)
     if changes:
         raise UserError(
@@ -1416,7 +1407,7 @@ def _average_buffers(model: nn.Module, world: int) -> None:
     """
     import torch.distributed as dist
 
-    for b in _unwrap(model).buffers():
+    for b in models.unwrap(model).buffers():
         if b.is_floating_point():
             dist.all_reduce(b, op=dist.ReduceOp.SUM)
             b.div_(world)

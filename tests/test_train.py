@@ -460,3 +460,18 @@ def test_sigkill_during_overwrite_leaves_the_old_run(tiny_idx, tmp_path):
     run(tiny_idx, tmp_path, "--epochs", "1", "--overwrite", "--random-seed", "1")
     assert sorted(p.name for p in d.parent.iterdir()) == ["r"]  # stale stage and lock cleared
     assert (d / "best.pt").read_bytes() != old["best.pt"]
+
+
+def test_resume_of_an_older_last_pt_checks_its_recorded_flags(tiny_idx, tmp_path, capsys):
+    interrupted_run(tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.05")
+    last = tmp_path / "runs" / "r" / "last.pt"
+    ck = models.load_checkpoint(last)
+    del ck["resume_fingerprint"]  # as written before the fingerprint existed
+    torch.save(ck, last)
+    capsys.readouterr()
+    err = one_line_exit_2(
+        capsys, lambda: run(tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.1", "--resume")
+    )
+    assert "--lr 0.1 (was 0.05)" in err
+    run(tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.05", "--resume")
+    assert [r["epoch"] for r in rows(tmp_path / "runs" / "r" / "metrics.jsonl")] == [1, 2]
