@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-import finetune
 import models
 import train
 from common import (
@@ -753,7 +752,14 @@ def short_names(paths: Sequence[str]) -> list[str]:
     return [os.path.relpath(f, base) for f in full]
 
 
-def individual_row(info: Ingredient, m: dict) -> dict:
+def varying_args(infos: Sequence[Ingredient]) -> list[str]:
+    """The training args whose values differ between ingredients (their grid point), run
+    names and output folders aside."""
+    keys = sorted({k for i in infos for k in i.meta.args} - {"i", "random_seed", "name", "out"})
+    return [k for k in keys if len({repr(i.meta.args.get(k)) for i in infos}) > 1]
+
+
+def individual_row(info: Ingredient, m: dict, grid_keys: Sequence[str]) -> dict:
     """One line of individual.jsonl: path, held-out metrics, grid point and seed."""
     targs = info.meta.args
     row = {"path": info.path, **_val(m)}
@@ -761,9 +767,7 @@ def individual_row(info: Ingredient, m: dict) -> dict:
         row["i"] = targs["i"]
     if "random_seed" in targs:
         row["seed"] = targs["random_seed"]
-    grid = {k: targs[k] for k in finetune.GRID_KEYS if k in targs}
-    if grid:
-        row["grid"] = grid
+    row["grid"] = {k: targs.get(k) for k in grid_keys}  # what sets it apart from the others
     if "val_acc" in info.meta.metrics:
         row["recorded_val_acc"] = info.meta.metrics["val_acc"]
     return row
@@ -1003,7 +1007,8 @@ def _make_soups(args, infos: list[Ingredient], rt, out: Path, start: float):
         best_name = None
         if scores:
             write_jsonl(
-                stage("individual.jsonl"), [individual_row(i, m) for i, m in zip(infos, scores)]
+                stage("individual.jsonl"),
+                [individual_row(i, m, varying_args(infos)) for i, m in zip(infos, scores)],
             )
             b = greedy_order(scores, "accuracy", metric=key)[0]
             best_name = names[b]

@@ -221,7 +221,8 @@ def test_cli_end_to_end(ing, tmp_path, capsys):
     assert (out / "learned_soup.pt").exists() and (out / "soup.png").stat().st_size > 1000
     ind = rows(out / "individual.jsonl")
     assert [r["i"] for r in ind] == [0, 1, 2, 3] and [r["seed"] for r in ind] == [0, 1, 2, 3]
-    assert all(0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 and "grid" in r for r in ind)
+    assert all(0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 for r in ind)
+    assert all(r["grid"] == {} for r in ind)  # the ingredients differ only in i and seed
     # the unperturbed copy scores exactly what training recorded for it (same data, same eval)
     assert ind[0]["val_acc"] == pytest.approx(ind[0]["recorded_val_acc"])
 
@@ -459,3 +460,11 @@ def test_second_soup_on_the_same_out_is_refused(ing, tmp_path, capsys):
     assert "in use by another command" in err and not (out / "uniform_soup.pt").exists()
     run_soup(ing, out, "--uniform")  # released: runs
     assert (out / "uniform_soup.pt").exists()
+
+
+def test_individual_rows_show_the_args_that_differ(ing):
+    base = soup.read_ingredient(ing.paths[0])
+    a = base._replace(meta=replace(base.meta, args={**base.meta.args, "lr": 0.1, "name": "a"}))
+    b = base._replace(meta=replace(base.meta, args={**base.meta.args, "lr": 0.2, "name": "b"}))
+    assert soup.varying_args([a, b]) == ["lr"]
+    assert soup.individual_row(b, {"acc": 1.0}, ["lr"])["grid"] == {"lr": 0.2}
