@@ -51,6 +51,7 @@ from common import (
     per_class_accuracy,
     positive_int,
     probability,
+    read_csv,
     refuse_output_on_input,
 )
 
@@ -337,14 +338,7 @@ def _task_of(src: Path, meta: dict, kind: str) -> tuple[bool, str | None]:
 
 def _read_csv(path: Path, numeric: bool = False) -> pd.DataFrame:
     """CSV with ids kept as text ('007' stays '007'); numeric=True parses the other columns."""
-    _need_file(path)
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-        dtype = {header[0]: str} if numeric and len(header) else str
-        df = pd.read_csv(path, dtype=dtype, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: cannot parse as CSV ({str(e).splitlines()[0]})") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_csv(_need_file(path), numeric=numeric)
     if len(df) == 0:
         raise UserError(f"{path}: has a header but no rows; pass a non-empty file")
     return df
@@ -713,8 +707,8 @@ def _csv_kind_of(sub: Path) -> str | None:
     if not sub.is_file():
         return None
     try:
-        return _csv_kind([str(c).strip() for c in pd.read_csv(sub, nrows=0).columns])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+        return _csv_kind(list(read_csv(sub, nrows=0).columns))
+    except UserError:
         return None
 
 
