@@ -3,12 +3,17 @@
     python infer.py runs/a/best.pt --data PATH --out sub.csv
     python infer.py a.pt b.pt c.pt --weights 1.5,1,1 --tta flip,shift --return-probs
     python infer.py runs/ml/best.pt --data PATH --tta rot90 --tune-threshold f1
+    python infer.py MODEL IMAGEDIR --image-size 384 --batch-size 64 --use-tta --return-probs
+                                                       # the dirty-MNIST seed's own form
 
 TTA follows ttach: a view is a pair (augment, de-augment) of functions on a batch, views compose
 by name (`--tta flip,shift` = every flip x every shift), and the per-view probabilities are merged
 by a named reduction. All k views of a batch go through the model in ONE forward call of k*B
 images (a `forward(model, x)` handed to train.predict), not one call per view. Several
-checkpoints are averaged in probability space (vote.soft_vote), optionally weighted.
+checkpoints are averaged in probability space (vote.soft_vote), optionally weighted. Every
+input is checked and the predictions made before anything is written; the submission and its
+companions (probabilities, metrics, thresholds, --confusion) then appear together
+(common.Outputs), never on top of an input.
 """
 
 from __future__ import annotations

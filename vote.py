@@ -17,6 +17,10 @@ This file owns the submission and probability formats (infer.py imports them):
   none of them describes is refused (never guessed from the numbers).
 - labels for scoring (`--labels`, `--val-labels`): any submission kind, or a CSV with a `label`
   column (class names) beside an id column (`id`, `index`, `ImageID`, `path` or `file`).
+
+A mask submission (`ans` = class number) voted with files labelled by class name is mapped
+through the classes its .meta.json records, or refused. All outputs (--out, --return-probs,
+--confusion) are written together at the end (common.Outputs), never onto an input file.
 """
 
 from __future__ import annotations
