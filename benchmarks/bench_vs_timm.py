@@ -322,6 +322,7 @@ class Side:
     wall: float | None = None
     returncode: int | None = None
     stopped: bool = False
+    cpu_s: float | None = None
     _log_pos: int = 0
     _last_inode: int | None = None
 
@@ -333,9 +334,23 @@ class Side:
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            start_new_session=True, stdin=subprocess.DEVNULL,
+            start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=_default_sigint,
         )  # fmt: skip
         fh.close()
+
+    def _reap(self) -> bool:
+        """True once the child has exited (its exit code and CPU seconds recorded)."""
+        if self.proc.returncode is not None:
+            return True
+        try:
+            pid, status, ru = os.wait4(self.proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return self.proc.poll() is not None
+        if pid == 0:
+            return False
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu_s = ru.ru_utime + ru.ru_stime  # the child and the processes it waited for
+        return True
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -344,7 +359,7 @@ class Side:
         """Record new rows/checkpoints/progress; True while the process runs."""
         now = self.elapsed()
         self._scan(now)
-        if self.proc.poll() is not None:
+        if self._reap():
             if self.wall is None:
                 self.wall, self.returncode = now, self.proc.returncode
                 self._scan(now)
@@ -387,18 +402,25 @@ class Side:
 
     def interrupt(self) -> None:
         """Ctrl-C to the whole process group (both scripts stop cleanly on it), then force."""
-        if self.proc and self.proc.poll() is None:
+        if self.proc and not self._reap():
             with _suppress():
                 os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
+            end = time.perf_counter() + 30
+            while not self._reap() and time.perf_counter() < end:
+                time.sleep(0.1)
+            if not self._reap():
                 with _suppress():
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                while not self._reap():
+                    time.sleep(0.1)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C back to its default, even when the bench runs in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class _suppress:
@@ -473,9 +495,14 @@ def calibrate(args, info: DataInfo, work: Path, timm_data: Path, threads: int, e
     def enough(s: Side) -> bool:
         if s.name != "timm" or not s.progress:
             return False
-        return s.elapsed() - s.progress[0][0] >= args.calib and len(s.progress) >= 3
+        distinct = {p[0] for p in s.progress}
+        return s.elapsed() - s.progress[0][0] >= args.calib and len(distinct) >= 3
 
     run_sides(sides, args.concurrent, stop_when=enough)
+    batch = 128  # the README's -b, unless --timm-args sets another
+    for flag in ("-b", "--batch-size"):
+        if flag in extra_t and extra_t.index(flag) + 1 < len(extra_t):
+            batch = int(extra_t[extra_t.index(flag) + 1])
     for s in sides:
         if s.name == "ours":
             if len(s.rows) < 2:
@@ -495,10 +522,16 @@ def calibrate(args, info: DataInfo, work: Path, timm_data: Path, threads: int, e
             }
         else:
             prog = [p for p in s.progress if p[1] == 0]
-            if len(prog) < 2:
+            if not prog:
                 raise _fail(s, "failed during the speed measurement (no training progress logged)")
             (ta, _, ba, n), (tb, _, bb, _) = prog[0], prog[-1]
-            per_batch = (tb - ta) / max(1, bb - ba)
+            if tb > ta and bb > ba:
+                per_batch = (tb - ta) / (bb - ba)
+            else:  # every line arrived within one poll: timm's own running average
+                rate = parse_timm_rate(s.log_text())
+                if not rate:
+                    raise _fail(s, "failed during the speed measurement (no timing logged)")
+                per_batch = batch / rate
             train_s = n * per_batch
             rows = s.rows
             # evaluation: measured when the measurement saw a whole epoch, else forward ~ 1/3
@@ -507,7 +540,7 @@ def calibrate(args, info: DataInfo, work: Path, timm_data: Path, threads: int, e
             else:
                 val_s = train_s / 3 * info.n_test / max(1, info.n_full)
             est["timm"] = {
-                "images_per_s": 128 / per_batch,
+                "images_per_s": batch / per_batch,
                 "fixed_s": ta,  # startup to the first logged batch
                 "per_epoch_s": train_s + val_s,
                 "startup_s": ta,
@@ -605,6 +638,13 @@ def code_version() -> str:
     )
 
 
+def _cores(side: Side) -> str:
+    """CPU seconds / wall seconds: how much of the machine a side actually got."""
+    if side.cpu_s is None or not side.wall:
+        return "-"
+    return f"{side.cpu_s / side.wall:.2f} of {side.threads}"
+
+
 def _f(x, nd=4) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -665,8 +705,8 @@ def report(
             lines.append(f"- {side}: {epochs[side]} epochs as given")
     lines += [
         "",
-        "| side | command | precision | epochs done | final test acc | wall s | note |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| side | command | precision | epochs done | final test acc | wall s | CPU cores used | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     o_note = "interrupted at 1.1x budget" if ours.stopped else ""
     t_note = "interrupted at 1.1x budget" if timm.stopped else "last epoch's eval_top1"
@@ -678,11 +718,11 @@ def report(
     t_cmd += (" " + args.timm_args) if args.timm_args else ""
     lines.append(
         f"| ours | `{o_cmd}` | {ours_precision(targs.get('amp'))} | {len(ours.rows)} | {o_acc} | "
-        f"{_f(ours.wall, 0)} | {o_note} |"
+        f"{_f(ours.wall, 0)} | {_cores(ours)} | {o_note} |"
     )
     lines.append(
         f"| timm | `{t_cmd}` | {timm_precision(timm_log, t_args)} | {len(t_rows)} | "
-        f"{_f(t_final)} | {_f(timm.wall, 0)} | {t_note} |"
+        f"{_f(t_final)} | {_f(timm.wall, 0)} | {_cores(timm)} | {t_note} |"
     )
     lines += ["", "| side | epoch | elapsed s | test acc | val acc (ours' hold-out) |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
