@@ -284,8 +284,13 @@ class DirLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.file)  # stale: its owner was killed
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as e:  # a full disk: no half-made lock left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(self.file)
+                raise write_error(self.file, e) from None
             self.held = True
             return self
         raise UserError(f"{self.file}: cannot take the lock; remove it if no command is running")

@@ -91,8 +91,8 @@ BATCH_SIZE|* training batch size
 AUG|training augmentation (letters are not mirror-invariant: no flip)
 TTA|TTA views for the greedy soup (infer.py --tta)
 DEVICE|auto, cpu or cuda
-AMP|train.py/finetune.py --amp (auto: bf16 where the CPU/GPU supports it);
-|  soup.py/infer.py get it only when it is none, bf16 or fp16
+AMP|auto, none, bf16 or fp16: --amp of every training (auto: bf16 where the CPU/GPU
+|  supports it); soup.py/infer.py get it too when they accept the value
 THREADS|CPU threads (empty: all cores)
 DIRTY|1: also the dirty-MNIST multi-label demo
 DIRTY_IMAGES|* dirty-MNIST train images (82x82 canvas, 1-2 letters each)
@@ -118,6 +118,86 @@ case "${1:-}" in
      exit 2 ;;
 esac
 
+# --- 0. every setting checked before anything runs or is written: one line, exit 2 ----------
+bad() {  # bad VAR WHAT FIX: the one error line
+  echo "run_all.sh: error: $1='${!1}': $2; $3" >&2
+  exit 2
+}
+whole() {  # whole VAR MIN [MAX] [optional]: a whole number in [MIN, MAX]; empty ok if optional
+  local var=$1 lo=$2 hi=${3:-999999999} opt=${4:-} v=${!1}
+  local fix="set $var to a whole number in [$lo, $hi] or unset it for the default"
+  [ -z "$v" ] && [ -n "$opt" ] && return 0
+  [[ "$v" =~ ^[0-9]{1,9}$ ]] || bad "$var" "not a whole number" "$fix"
+  { [ "$((10#$v))" -ge "$lo" ] && [ "$((10#$v))" -le "$hi" ]; } || bad "$var" "out of range" "$fix"
+}
+one_of() {  # one_of VAR CHOICE...: the value is one of the choices
+  local var=$1 c
+  shift
+  for c in "$@"; do [ "${!var}" = "$c" ] && return 0; done
+  bad "$var" "not a valid value" "use one of: $*"
+}
+one_of FAST 0 1
+one_of DIRTY 0 1
+one_of AMP auto none bf16 fp16
+[[ "$DEVICE" =~ ^(auto|cpu|cuda|cuda:[0-9]+|mps)$ ]] ||
+  bad DEVICE "not a device" "use auto, cpu, cuda, cuda:N or mps"
+for var in NUM_IMAGES IMG_SIZE EPOCHS ROT_EPOCHS LINEAR_EPOCHS LABELS_PER_CLASS FEW_EPOCHS \
+  N_INGREDIENTS BATCH_SIZE DIRTY_IMAGES DIRTY_TEST DIRTY_IMG_SIZE DIRTY_EPOCHS; do
+  whole "$var" 1
+done
+whole NUM_TEST 0
+whole SEED 0 4294967295
+whole FT_EPOCHS 1 999999999 optional
+whole THREADS 1 1024 optional
+[[ "$RUN" =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]] ||
+  bad RUN "not a plain name" "use letters, digits, '.', '_', '-' (outputs go to \$RUNS_DIR/\$RUN)"
+[ -n "$RUNS_DIR" ] || bad RUNS_DIR "empty" "give a directory, e.g. RUNS_DIR=runs"
+probe="$RUNS_DIR/$RUN"
+while [ ! -e "$probe" ] && [ "$probe" != "$(dirname "$probe")" ]; do probe=$(dirname "$probe"); done
+[ -d "$probe" ] || bad RUNS_DIR "$probe is not a directory" "choose another RUNS_DIR or RUN"
+[ -w "$probe" ] || bad RUNS_DIR "$probe is not writable" "choose another RUNS_DIR"
+[ -z "$DATA" ] || [ -e "$DATA" ] || bad DATA "no such file or directory" \
+  "give an existing data set (any data.py format), or leave DATA empty for synthetic letters"
+command -v "$PYTHON" >/dev/null || bad PYTHON "not an executable" "give a Python with the toolkit's requirements"
+# Names only the toolkit knows (models, augmentations, TTA views, the fine-tuning grid), checked
+# by its own tables; also whether soup.py/infer.py take --amp auto (then AMP=auto reaches them).
+eval_amp=$("$PYTHON" - "$ROOT" "$MODEL" "$AUG" "$TTA" "$N_INGREDIENTS" "$AMP" <<'EOF'
+import sys
+
+sys.path.insert(0, sys.argv[1])
+import data, finetune, infer, models, soup  # noqa: E402,F401
+
+model, aug, tta, n, amp = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+
+
+def bad(var, value, what, fix):
+    print(f"run_all.sh: error: {var}='{value}': {what}; {fix}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+for a in aug.split(","):
+    if a.strip() not in data.AUGS:
+        bad("AUG", aug, f"unknown augmentation '{a}'", f"use a comma list of {', '.join(data.AUGS)}")
+for t in tta.split(","):
+    if t.strip() not in ("none", *infer.TTA_NAMES):
+        bad("TTA", tta, f"unknown view '{t}'", f"use a comma list of none, {', '.join(infer.TTA_NAMES)}")
+if n > finetune.GRID_SIZE:
+    bad("N_INGREDIENTS", n, "more than the fine-tuning grid has",
+        f"use 1..{finetune.GRID_SIZE} (finetune.py --i)")  # fmt: skip
+if model not in models.BUILTINS and not models._timm().is_model(model):
+    bad("MODEL", model, "unknown model",
+        f"use a built-in ({', '.join(models.BUILTINS)}) or a timm name")  # fmt: skip
+
+
+def takes(parser, value):
+    act = next(a for a in parser._actions if "--amp" in a.option_strings)
+    return act.choices is None or value in act.choices
+
+
+print("yes" if all(takes(m.build_parser(), amp) for m in (soup, infer)) else "no")
+EOF
+) || exit 2
+
 R="$RUNS_DIR/$RUN"
 mkdir -p "$R/.done"
 TIMES="$R/times.tsv"
@@ -128,7 +208,8 @@ common=(--device "$DEVICE" --quiet)
 [ -n "$THREADS" ] && common+=(--threads "$THREADS")
 train_flags=("${common[@]}" --amp "$AMP" --model "$MODEL" --random-seed "$SEED")
 eval_flags=("${common[@]}")
-case "$AMP" in none | bf16 | fp16) eval_flags+=(--amp "$AMP") ;; esac
+# soup.py/infer.py get AMP too (auto included, as soon as they accept it: checked above)
+[ "$eval_amp" = yes ] && eval_flags+=(--amp "$AMP")
 
 seconds_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 

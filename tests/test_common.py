@@ -6,6 +6,7 @@ output-on-input check."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -739,3 +740,13 @@ def test_write_error_classifies():
     assert "p: cannot write (Read-only file system); choose a writable output path" in str(e)
     e = common.write_error("p", IsADirectoryError(errno.EISDIR, "Is a directory"))
     assert "not a directory" in str(e)
+
+
+def test_dirlock_on_a_full_disk(full_fs):
+    with open(full_fs / "filler", "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while f.write(b"\0" * 4096):
+                pass
+    with pytest.raises(UserError, match="No space left"):
+        DirLock(full_fs / "run").acquire()
+    assert sorted(os.listdir(full_fs)) == ["filler"]  # no empty lock left to block the next run

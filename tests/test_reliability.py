@@ -12,9 +12,11 @@ atomic writes).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,13 +85,16 @@ def make_csv(root: Path, header: str, rows: list[str], n_images: int = 6) -> Pat
     return root
 
 
-def ckpt_meta(arch="smallnet_s", val_hash="0123456789abcdef", aug="flip,crop", data=None) -> dict:
+def ckpt_meta(
+    arch="smallnet_s", val_hash="0123456789abcdef", aug="flip,crop", data=None, classes=None
+) -> dict:
+    classes = classes or [str(k) for k in range(10)]  # as the IDX sets below: classes 0..9
     return {
         "arch": arch,
-        "num_classes": 10,  # as the IDX sets below: classes 0..9
+        "num_classes": len(classes),
         "in_chans": 1,
         "img_size": [16, 16],
-        "classes": [str(k) for k in range(10)],
+        "classes": classes,
         "multi_label": False,
         "mean": [0.2],
         "std": [0.3],
@@ -102,7 +107,7 @@ def ckpt_meta(arch="smallnet_s", val_hash="0123456789abcdef", aug="flip,crop", d
 def save_ckpt(path: Path, **meta_kw) -> Path:
     torch.manual_seed(0)
     meta = ckpt_meta(**meta_kw)
-    model = models.create_model(meta["arch"], 10, in_chans=1, img_size=(16, 16))
+    model = models.create_model(meta["arch"], meta["num_classes"], in_chans=1, img_size=(16, 16))
     models.save_checkpoint(path, model, meta)
     return path
 
@@ -149,6 +154,10 @@ class Case:
     code: int = 2
     env: dict = field(default_factory=dict)
     present: list = field(default_factory=list)
+    unchanged: list = field(default_factory=list)  # files/dirs byte-identical after the row
+    loads: list = field(default_factory=list)  # checkpoints that must load after the row
+    expect: str | None = None  # overrides the table's expected substring (built at run time)
+    skip: str | None = None  # reason this row cannot run here
 
 
 class Workspace:
@@ -172,6 +181,42 @@ class Workspace:
         self.finished = root / "runs"
         (self.finished / "done").mkdir(parents=True)
         (self.finished / "done" / "summary.json").write_text("{}\n")
+        self.prep = root / "prep"  # outputs of PREP (real runs), made before the rows are built
+        self.full: Path | None = None  # a full file system (tmpfs), see full_fs()
+        self.holders: list[subprocess.Popen] = []
+
+    def full_fs(self) -> Path | None:
+        """A 256 KiB tmpfs (root only), filled to the last byte after the rows are built."""
+        if self.full is None and os.geteuid() == 0:
+            d = self.root / "full_fs"
+            d.mkdir()
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+                               capture_output=True)  # fmt: skip
+            self.full = d if r.returncode == 0 else None
+        return self.full
+
+    def fill(self) -> None:
+        if self.full is None:
+            return
+        fd = os.open(self.full / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * 4096):
+                    pass
+        finally:
+            os.close(fd)
+
+    def holder(self) -> int:
+        """The pid of a live process (another command holding a lock)."""
+        self.holders.append(subprocess.Popen(["sleep", "600"]))
+        return self.holders[-1].pid
+
+    def close(self) -> None:
+        for h in self.holders:
+            h.kill()
+            h.wait()
+        if self.full is not None:
+            subprocess.run(["umount", "-l", str(self.full)], check=False)
 
     def dir(self, name: str) -> Path:
         return self.root / "cases" / name
@@ -532,6 +577,592 @@ def _synth_bad_mnist(ws):
     return Case("synth.py", [*args, "--num-images", "2"], [out])
 
 
+# ---------------------------------------------------------------------------
+# Issue 12: the guarantees by design. Rows by class (1..12 of the issue); each failed on ef59d5d.
+
+PREP_NEEDED: set[str] = set()  # ids of rows that use PREP outputs (real finished runs)
+
+
+def needs_prep(build):
+    PREP_NEEDED.add(build.__name__)
+    return build
+
+
+def prep_cases(ws: Workspace) -> dict[str, Case]:
+    """Real runs the rows start from: a finished 1-epoch run, a decode cache of `idx_names`."""
+    ws.idx_names = ws.root / "idx_names"
+    shutil.copytree(ws.idx, ws.idx_names)
+    args = ["--data", ws.idx, "--out", ws.prep, "--name", "done", "--epochs", "1", *FAST]
+    return {
+        "prep-run": Case("train.py", [*args, "--amp", "none", "--aug", "none"], code=0),
+        "prep-cache": Case("data.py", ["--data", ws.idx_names], code=0),
+    }
+
+
+def copy_run(ws: Workspace, name: str, interrupted: bool = False) -> Path:
+    """A copy of the prepared finished run as ws.out(name)/r (without summary.json: interrupted
+    after its last epoch was saved, before the summary)."""
+    run = ws.out(name) / "r"
+    shutil.copytree(ws.prep / "done", run)
+    if interrupted:
+        (run / "summary.json").unlink()
+    return run
+
+
+# 1. Numbers are range-checked by the flag types, before anything is created -----------------
+
+NUMERIC = [
+    ("train.py", "--batch-size", "0"), ("train.py", "--eval-batch-size", "-1"),
+    ("train.py", "--epochs", "0"), ("train.py", "--accum-steps", "0"), ("train.py", "--lr", "nan"),
+    ("train.py", "--lr", "-0.1"), ("train.py", "--momentum", "inf"),
+    ("train.py", "--weight-decay", "-1"), ("train.py", "--clip-grad", "-1"),
+    ("train.py", "--threads", "0"), ("train.py", "--split-seed", "-1"), ("train.py", "--pad", "-1"),
+    ("train.py", "--warmup-epochs", "nan"), ("train.py", "--ema", "1.5"),
+    ("train.py", "--mix-alpha", "0"), ("train.py", "--labels-per-class", "0"),
+    ("train.py", "--img-size", "100000"), ("train.py", "--milestones", "0.5,abc"),
+    ("train.py", "--drop", "1.5"), ("finetune.py", "--epochs", "0"), ("finetune.py", "--lr", "inf"),
+    ("finetune.py", "--batch-size", "-4"), ("soup.py", "--eval-batch-size", "0"),
+    ("soup.py", "--threads", "-1"), ("infer.py", "--scale", "0"),
+    ("infer.py", "--eval-batch-size", "0"), ("infer.py", "--shift-px", "0"),
+    ("infer.py", "--crop-ratio", "1.5"), ("vote.py", "--weights", "1,nan"),
+    ("vote.py", "--weights", "1,-1"), ("vote.py", "--threshold", "1.5"),
+    ("synth.py", "--num-images", "-5"), ("synth.py", "--workers", "0"),
+    ("synth.py", "--img-size", "0"), ("synth.py", "--seed", "-1"),
+    ("data.py", "--val-ratio", "1.5"), ("data.py", "--split-seed", "nan"),
+    ("data.py", "--img-size", "0"),
+]  # fmt: skip
+
+
+def _numeric(script: str, flag: str, value: str):
+    def build(ws: Workspace) -> Case:
+        name = f"num_{script[:-3]}_{flag[2:]}_{value}"
+        out = ws.out(name)
+        if script == "train.py":
+            extra = ["--mix", "cutmix"] if flag == "--mix-alpha" else []
+            extra += ["--sched", "step"] if flag == "--milestones" else []
+            return train_case(ws.idx, ws, name, *extra, flag, value)
+        if script == "finetune.py":
+            args = ["--data", ws.idx, "--weights", ws.ckpt, "--out", out, "--i", "1", *FAST]
+        elif script == "soup.py":
+            args = ["--ingredients", ws.ckpt, ws.ckpt, "--uniform", "--out", out]
+        elif script == "infer.py":
+            tta = ["--tta", "scale"] if flag == "--scale" else []
+            tta = ["--tta", "shift"] if flag == "--shift-px" else tta
+            tta = ["--tta", "five-crop"] if flag == "--crop-ratio" else tta
+            args = [ws.ckpt, "--data", ws.idx, *tta, "--out", out / "s.csv"]
+        elif script == "vote.py":
+            d = ws.dir(name)
+            a, b = _probs(d, "a", ["1", "2"], 3), _probs(d, "b", ["1", "2"], 3)
+            args = [a, b, "--out", out / "v.csv"]
+        elif script == "synth.py":
+            args = ["--num-images", "2", "--output-dir", out]
+        else:
+            args = ["--data", ws.idx, "--grid", out / "g.png"]
+        return Case(script, [*args, flag, value], [out])
+
+    build.__name__ = f"_num_{script}_{flag}_{value}"
+    return build
+
+
+def _config_value_checked(ws):
+    cfg = ws.dir("cfg_lr") / "c.json"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('{"lr": -1, "epochs": 1}')
+    return train_case(ws.idx, ws, "cfg_lr", "--config", cfg)
+
+
+def _eval_only_with_linear_eval(ws):
+    out = ws.out("ev_lin")
+    args = ["--data", ws.idx, "--eval-only", ws.ckpt, "--linear-eval", ws.ckpt, "--out", out]
+    return Case("train.py", [*args, "--threads", "1"], [out])
+
+
+def _resume_with_overwrite(ws):
+    return train_case(ws.idx, ws, "res_ow", "--resume", "--overwrite")
+
+
+# 2. Validation before side effects; --overwrite replaces only at the commit -----------------
+
+
+@needs_prep
+def _overwrite_bad_data(ws):
+    run = copy_run(ws, "ow_data")
+    args = ["--data", ws.root / "typo_data", "--out", run.parent, "--name", "r", "--epochs", "1"]
+    return Case("train.py", [*args, *FAST, "--overwrite"], unchanged=[run.parent])
+
+
+@needs_prep
+def _overwrite_bad_aug(ws):
+    run = copy_run(ws, "ow_aug")
+    args = ["--data", ws.idx, "--out", run.parent, "--name", "r", "--epochs", "1", *FAST]
+    return Case("train.py", [*args, "--aug", "flip,flipp", "--overwrite"], unchanged=[run.parent])
+
+
+def _unknown_aug_no_run_dir(ws):
+    case = train_case(ws.idx, ws, "aug_typo", "--aug", "flip,flipp")
+    case.absent = [ws.out("aug_typo")]  # not even args.json
+    return case
+
+
+def _old_file(path: Path, text: str = "old output\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _infer_confusion_fails(ws):
+    sub = _old_file(ws.out("conf") / "sub.csv")
+    args = [ws.ckpt, "--data", ws.idx, "--threads", "1", "--out", sub]
+    return Case("infer.py", [*args, "--confusion", ws.blocker / "c.png"], unchanged=[sub.parent])
+
+
+def _infer_probs_fail(ws):
+    sub = _old_file(ws.out("probs_dir") / "p.csv")
+    (sub.parent / "p.npy").mkdir()  # where --return-probs would go
+    args = [ws.ckpt, "--data", ws.idx, "--threads", "1", "--out", sub, "--return-probs"]
+    return Case("infer.py", args, unchanged=[sub.parent])
+
+
+def _fake_soup(ws: Workspace, d: Path) -> Path:
+    """A finished soup directory (its files only need to be there)."""
+    _old_file(d / "summary.json", "{}\n")
+    shutil.copy(ws.ckpt, d / "uniform_soup.pt")
+    return d
+
+
+def _soup_plot_fails(ws):
+    d = ws.out("soup_plot") / "soup"
+    d.mkdir(parents=True)
+    (d / "soup.png").mkdir()  # the plot cannot be written
+    args = ["--ingredients", ws.ckpt, ws.ckpt, "--uniform", "--plot", "--out", d, "--threads", "1"]
+    return Case("soup.py", [*args, "--holdout", ws.idx], [d / "uniform_soup.pt"], unchanged=[d])
+
+
+def _soup_overwrite_bad_ingredient(ws):
+    d = _fake_soup(ws, ws.out("soup_ow") / "soup")
+    args = ["--ingredients", ws.ckpt, ws.root / "missing.pt", "--uniform", "--out", d]
+    return Case("soup.py", [*args, "--overwrite"], unchanged=[d])
+
+
+# 3. The one writer: a directory as target, a full disk --------------------------------------
+
+
+def _infer_out_is_dir(ws):
+    d = ws.out("infer_dir") / "sub.csv"
+    (d / "keep").mkdir(parents=True)
+    return Case("infer.py", [ws.ckpt, "--data", ws.idx, "--out", d], unchanged=[d])
+
+
+def _vote_out_is_dir(ws):
+    d = ws.dir("vote_dir")
+    a, b = _probs(d, "a", ["1", "2"], 3), _probs(d, "b", ["1", "2"], 3)
+    (d / "v.csv" / "keep").mkdir(parents=True)
+    return Case("vote.py", [a, b, "--out", d / "v.csv"], unchanged=[d / "v.csv"])
+
+
+def _grid_is_dir(ws):
+    g = ws.out("grid_dir") / "g.png"
+    (g / "keep").mkdir(parents=True)
+    return Case("data.py", ["--data", ws.idx, "--grid", g], unchanged=[g])
+
+
+def _full(ws: Workspace, name: str) -> tuple[Path, str | None]:
+    fs = ws.full_fs()
+    if fs is None:
+        return ws.out(name), "needs root to mount a small tmpfs (a full disk)"
+    return fs / name, None
+
+
+def _full_infer(ws):
+    d, skip = _full(ws, "infer")
+    sub = _old_file(d / "sub.csv")
+    args = [ws.ckpt, "--data", ws.idx, "--threads", "1", "--out", sub, "--return-probs"]
+    return Case("infer.py", args, unchanged=[d], skip=skip)
+
+
+def _full_vote(ws):
+    d, skip = _full(ws, "vote")
+    a, b = (
+        _probs(ws.dir("vote_full"), "a", ["1", "2"], 3),
+        _probs(ws.dir("vote_full"), "b", ["1", "2"], 3),
+    )
+    out = _old_file(d / "v.csv")
+    return Case("vote.py", [a, b, "--out", out], unchanged=[d], skip=skip)
+
+
+def _full_train(ws):
+    d, skip = _full(ws, "train")
+    d.mkdir(parents=True, exist_ok=True)
+    args = ["--data", ws.idx, "--out", d, "--name", "r", "--epochs", "1", *FAST]
+    return Case("train.py", args, [d / "r"], skip=skip)
+
+
+def _full_soup(ws):
+    d, skip = _full(ws, "soup")
+    args = ["--ingredients", ws.ckpt, ws.ckpt, "--uniform", "--out", d, "--threads", "1"]
+    return Case("soup.py", args, [d / "uniform_soup.pt"], skip=skip)
+
+
+def _full_synth(ws):
+    d, skip = _full(ws, "synth")
+    args = ["--num-images", "20", "--num-test", "4", "--output-dir", d, "--quiet"]
+    return Case("synth.py", args, [d / "synth.json"], skip=skip)
+
+
+# 4. Outputs never land on inputs ------------------------------------------------------------
+
+
+def _infer_out_onto_idx_labels(ws):
+    d = ws.dir("idx_onto")
+    shutil.copytree(ws.idx, d)
+    labels = d / "t10k-labels-idx1-ubyte"
+    return Case("infer.py", [ws.ckpt, "--data", d, "--out", labels], unchanged=[d])
+
+
+def _infer_out_onto_test_csv(ws):
+    d = make_csv(ws.dir("csv_onto"), "file,label", [f"im{i}.png,{'abc'[i % 3]}" for i in range(6)])
+    (d / "test.csv").write_text((d / "train.csv").read_text())
+    ck = save_ckpt(d.parent / "csv_onto.pt", classes=["a", "b", "c"])
+    return Case("infer.py", [ck, "--data", d, "--out", d / "test.csv"], unchanged=[d])
+
+
+def _infer_out_onto_checkpoint(ws):
+    ck = ws.dir("ck_onto") / "a.pt"
+    ck.parent.mkdir(parents=True)
+    shutil.copy(ws.ckpt, ck)
+    return Case("infer.py", [ck, "--data", ws.idx, "--out", ck], unchanged=[ck])
+
+
+@needs_prep
+def _soup_ingredient_is_an_output(ws):
+    d = _fake_soup(ws, ws.out("soup_onto_out") / "soup")
+    shutil.copy(ws.prep / "done" / "best.pt", d / "uniform_soup.pt")  # a real ingredient
+    args = ["--ingredients", d / "uniform_soup.pt", ws.prep / "done" / "best.pt", "--uniform"]
+    return Case("soup.py", [*args, "--out", d, "--overwrite"], unchanged=[d])
+
+
+def _vote_out_onto_input(ws):
+    d = ws.dir("vote_onto")
+    d.mkdir(parents=True)
+    (d / "a.csv").write_text("id,label\n1,cat\n2,dog\n")
+    (d / "b.csv").write_text("id,label\n1,cat\n2,cat\n")
+    return Case("vote.py", [d / "a.csv", d / "b.csv", "--out", d / "a.csv"], unchanged=[d])
+
+
+def _vote_out_onto_labels(ws):
+    d = ws.dir("vote_onto_labels")
+    d.mkdir(parents=True)
+    (d / "a.csv").write_text("id,label\n1,cat\n2,dog\n")
+    (d / "b.csv").write_text("id,label\n1,cat\n2,cat\n")
+    (d / "truth.csv").write_text("id,label\n1,cat\n2,dog\n")
+    args = [d / "a.csv", d / "b.csv", "--labels", d / "truth.csv", "--out", d / "truth.csv"]
+    return Case("vote.py", args, unchanged=[d])
+
+
+@needs_prep
+def _soup_out_holds_ingredients(ws):
+    """Ingredients and the config inside --out survive --overwrite (only soup's own files go)."""
+    d = _fake_soup(ws, ws.out("soup_onto") / "soup")
+    ing = ws.prep / "done" / "best.pt"
+    a, b = shutil.copy(ing, d / "i1.pt"), shutil.copy(ing, d / "i2.pt")
+    (d / "c.json").write_text('{"uniform": true}\n')
+    args = ["--ingredients", a, b, "--config", d / "c.json", "--out", d, "--overwrite"]
+    return Case("soup.py", args, code=0, present=[d / "uniform_soup.pt"],
+                unchanged=[Path(a), Path(b), d / "c.json"])  # fmt: skip
+
+
+@needs_prep
+def _train_overwrite_holds_data(ws):
+    run = copy_run(ws, "ow_holds")
+    shutil.copytree(ws.idx, run / "data")
+    args = ["--data", run / "data", "--out", run.parent, "--name", "r", "--epochs", "1", *FAST]
+    return Case("train.py", [*args, "--overwrite"], unchanged=[run])
+
+
+# 5. Resume refuses what it cannot continue ---------------------------------------------------
+
+
+def _resume_changed(name: str, *changed):
+    @needs_prep
+    def build(ws):
+        run = copy_run(ws, name, interrupted=True)
+        args = ["--data", ws.idx, "--out", run.parent, "--name", "r", "--epochs", "1", *FAST]
+        return Case("train.py", [*args, "--amp", "none", "--aug", "none", *changed, "--resume"],
+                    [run / "summary.json"], unchanged=[run])  # fmt: skip
+
+    build.__name__ = f"_resume_{name}"
+    return build
+
+
+@needs_prep
+def _resume_other_data(ws):
+    run = copy_run(ws, "res_data", interrupted=True)
+    other = ws.dir("other_data")
+    x, y = make_patterns(150, 3, 16, seed=7)
+    write_idx(other, "train", x[:120], y[:120])
+    args = ["--data", other, "--out", run.parent, "--name", "r", "--epochs", "1", *FAST]
+    return Case("train.py", [*args, "--amp", "none", "--aug", "none", "--resume"],
+                [run / "summary.json"], unchanged=[run])  # fmt: skip
+
+
+@needs_prep
+def _resume_from_best(ws):
+    run = copy_run(ws, "res_best", interrupted=True)
+    args = ["--data", ws.idx, "--out", ws.out("res_best2"), "--name", "r", "--epochs", "1", *FAST]
+    return Case("train.py", [*args, "--resume", run / "best.pt"], [ws.out("res_best2") / "r"])
+
+
+# 6. One command per output directory ---------------------------------------------------------
+
+
+def _locked_train(ws):
+    out = ws.out("lock_train")
+    out.mkdir(parents=True)
+    pid = ws.holder()
+    (out / ".r.lock").write_text(f"{pid}\n")
+    case = train_case(ws.idx, ws, "lock_train")
+    case.expect = f"pid {pid}"
+    return case
+
+
+def _locked_soup(ws):
+    d = ws.out("lock_soup") / "soup"
+    d.parent.mkdir(parents=True)
+    pid = ws.holder()
+    (d.parent / ".soup.lock").write_text(f"{pid}\n")
+    args = ["--ingredients", ws.ckpt, ws.ckpt, "--uniform", "--out", d]
+    return Case("soup.py", args, [d], expect=f"pid {pid}")
+
+
+def _locked_finetune(ws):
+    out = ws.out("lock_ft")
+    (out / "ft").mkdir(parents=True)
+    pid = ws.holder()
+    (out / "ft" / ".i1_s0.lock").write_text(f"{pid}\n")
+    args = ["--data", ws.idx, "--weights", ws.ckpt, "--out", out, "--name", "ft", "--i", "1"]
+    return Case("finetune.py", [*args, *FAST], [out / "ft" / "i1_s0"], expect=f"pid {pid}")
+
+
+# 7. Labels and classes -----------------------------------------------------------------------
+
+
+def _csv_nan_label(ws):
+    rows = [f"im{i}.png,{'ab'[i % 2] if i != 3 else 'nan'}" for i in range(6)]
+    return train_case(make_csv(ws.dir("csv_nan"), "file,label", rows), ws, "csv_nan")
+
+
+def _csv_empty_label(ws):
+    rows = [f"im{i}.png,{'ab'[i % 2] if i != 4 else ''}" for i in range(6)]
+    return train_case(make_csv(ws.dir("csv_empty"), "file,label", rows), ws, "csv_empty")
+
+
+def _csv_one_class(ws):
+    rows = [f"im{i}.png,cat" for i in range(6)]
+    return train_case(make_csv(ws.dir("csv_one"), "file,label", rows), ws, "csv_one")
+
+
+def _idx_one_class(ws):
+    x, _ = make_patterns(40, 3, 16)
+    write_idx(ws.dir("idx_one"), "train", x, np.zeros(40, np.uint8))
+    return train_case(ws.dir("idx_one"), ws, "idx_one")
+
+
+@needs_prep
+def _classes_txt_after_first_load(ws):
+    (ws.idx_names / "classes.txt").write_text("zebra\nyak\nxerus\n")  # after prep-cache decoded it
+    return Case("data.py", ["--data", ws.idx_names], code=0)
+
+
+# 8. vote.py decides single/multi-label from explicit information -----------------------------
+
+
+def _unsummed_probs(d: Path, name: str) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / f"{name}.npy", np.full((2, 3), 0.2, np.float32))  # rows sum to 0.6
+    (d / f"{name}.ids.txt").write_text("1\n2\n")
+    return d / f"{name}.npy"
+
+
+def _vote_no_meta(ws):
+    d = ws.dir("vote_nometa")
+    a, b = _unsummed_probs(d, "a"), _unsummed_probs(d, "b")
+    return Case("vote.py", [a, b, "--out", d / "v.csv"], [d / "v.csv"])
+
+
+def _vote_no_meta_kind_single(ws):
+    d = ws.dir("vote_kind")
+    a, b = _unsummed_probs(d, "a"), _unsummed_probs(d, "b")
+    return Case(
+        "vote.py", [a, b, "--kind", "single", "--out", d / "v.csv"], code=0, present=[d / "v.csv"]
+    )
+
+
+# 9. Paths read from files are untrusted ------------------------------------------------------
+
+
+def _synth_crafted_manifest(ws):
+    d = ws.dir("synth_evil") / "out"
+    d.mkdir(parents=True)
+    victim = _old_file(ws.dir("synth_evil") / "victim.csv", "precious\n")
+    part = {"csv": "../victim.csv", "split": "train", "index_offset": 0, "num_images": 1}
+    (d / "synth.json").write_text(json.dumps({"format": "synth", "mode": "other", "parts": [part]}))
+    args = ["--num-images", "2", "--output-dir", d, "--overwrite", "--quiet"]
+    return Case("synth.py", args, unchanged=[victim])
+
+
+def _csv_path_escapes(ws):
+    write_png(ws.dir("csv_escape_outside") / "x.png", make_patterns(1, 3, 16)[0][0])
+    rows = [f"im{i}.png,{'abc'[i % 3]}" for i in range(5)] + ["../csv_escape_outside/x.png,a"]
+    return train_case(make_csv(ws.dir("csv_escape"), "file,label", rows), ws, "csv_escape")
+
+
+def _csv_absolute_path(ws):
+    outside = write_png(ws.dir("csv_abs_outside") / "x.png", make_patterns(1, 3, 16)[0][0])
+    rows = [f"im{i}.png,{'abc'[i % 3]}" for i in range(5)] + [f"{outside},a"]
+    return train_case(make_csv(ws.dir("csv_abs"), "file,label", rows), ws, "csv_abs")
+
+
+# ---------------------------------------------------------------------------
+# 10. --sync-bn needs CUDA --------------------------------------------------------------------
+
+
+def _sync_bn_cpu(ws):
+    return train_case(ws.idx, ws, "syncbn", "--sync-bn", "--device", "cpu")
+
+
+def _sync_bn_cpu_finetune(ws):
+    out = ws.out("syncbn_ft")
+    args = ["--data", ws.idx, "--weights", ws.ckpt, "--out", out, "--i", "1", *FAST]
+    return Case("finetune.py", [*args, "--sync-bn", "--device", "cpu"], [out])
+
+
+# 11. Messages name the real problem ----------------------------------------------------------
+
+
+def _dir_as(script: str, flag: str | None):
+    def build(ws):
+        d = ws.dir(f"dir_{script}_{flag}")
+        d.mkdir(parents=True)
+        out = ws.out(f"dir_{script}_{flag}")
+        if script == "train.py":
+            return Case(script, ["--data", ws.idx, flag, d, "--out", out, *FAST], [out])
+        if script == "infer.py":
+            return Case(script, [d, "--data", ws.idx, "--out", out / "s.csv"], [out])
+        if script == "soup.py":
+            return Case(script, ["--ingredients", ws.ckpt, d, "--uniform", "--out", out], [out])
+        args = ["--data", ws.idx, "--weights", d, "--out", out, "--i", "1", *FAST]
+        return Case(script, args, [out])
+
+    build.__name__ = f"_dir_{script}_{flag}"
+    return build
+
+
+def _nan_first_epoch(ws):
+    case = train_case(ws.idx, ws, "nan1", "--lr", "1e12", "--warmup-epochs", "0",
+                      "--sched", "constant", "--aug", "none", code=1)  # fmt: skip
+    run = ws.out("nan1") / "r"
+    case.absent = [run / "summary.json", run / "last.pt", run / "best.pt"]
+    return case
+
+
+def _run_all(name: str, **env):
+    def build(ws):
+        runs = ws.out(f"run_all_{name}")
+        full = {"FAST": "1", "RUNS_DIR": str(runs), "PYTHON": sys.executable, **env}
+        return Case("run_all.sh", [], [runs], env=full)
+
+    build.__name__ = f"_run_all_{name}"
+    return build
+
+
+def _run_all_runs_dir_file(ws):
+    return Case("run_all.sh", [], [], env={"FAST": "1", "RUNS_DIR": str(ws.blocker), "PYTHON": sys.executable},
+                unchanged=[ws.blocker])  # fmt: skip
+
+
+# 12. A finished output is verified before it is skipped --------------------------------------
+
+
+def _skip_existing_truncated(ws):
+    out = ws.out("skip_trunc")
+    ing = out / "ft" / "i1_s0"
+    ing.mkdir(parents=True)
+    (ing / "best.pt").write_bytes(ws.ckpt.read_bytes()[:3000])
+    (ing / "summary.json").write_text("{}\n")
+    args = ["--data", ws.idx, "--weights", ws.ckpt, "--out", out, "--name", "ft", "--i", "1"]
+    return Case("finetune.py", [*args, "--epochs", "1", *FAST, "--skip-existing"], code=0,
+                present=[ing / "summary.json"], loads=[ing / "best.pt"])  # fmt: skip
+
+
+NEW_CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
+    *[(f"num-{s[:-3]}{f}={v}", _numeric(s, f, v), f) for s, f, v in NUMERIC],
+    ("config-value-range-checked", _config_value_checked, "'lr'"),
+    ("eval-only-with-linear-eval", _eval_only_with_linear_eval, "--eval-only and --linear-eval"),
+    ("resume-with-overwrite", _resume_with_overwrite, "--resume and --overwrite"),
+    ("overwrite-typo-in-data-keeps-run", _overwrite_bad_data, "typo_data"),
+    ("overwrite-unknown-aug-keeps-run", _overwrite_bad_aug, "flipp"),
+    ("unknown-aug-writes-no-run-dir", _unknown_aug_no_run_dir, "flipp"),
+    ("infer-confusion-fails-nothing-written", _infer_confusion_fails, "a_file"),
+    ("infer-probs-fail-nothing-written", _infer_probs_fail, "p.npy"),
+    ("soup-plot-fails-nothing-written", _soup_plot_fails, "soup.png"),
+    ("soup-overwrite-bad-ingredient-keeps-soup", _soup_overwrite_bad_ingredient, "missing.pt"),
+    ("infer-out-is-a-directory", _infer_out_is_dir, "is a directory"),
+    ("vote-out-is-a-directory", _vote_out_is_dir, "is a directory"),
+    ("data-grid-is-a-directory", _grid_is_dir, "is a directory"),
+    ("full-disk-infer", _full_infer, "free space"),
+    ("full-disk-vote", _full_vote, "free space"),
+    ("full-disk-train", _full_train, "free space"),
+    ("full-disk-soup", _full_soup, "free space"),
+    ("full-disk-synth", _full_synth, "free space"),
+    ("infer-out-onto-idx-labels", _infer_out_onto_idx_labels, "--out"),
+    ("infer-out-onto-test-csv", _infer_out_onto_test_csv, "--out"),
+    ("infer-out-onto-checkpoint", _infer_out_onto_checkpoint, "--out"),
+    ("soup-ingredient-is-an-output", _soup_ingredient_is_an_output, "--ingredients"),
+    ("vote-out-onto-input", _vote_out_onto_input, "--out"),
+    ("vote-out-onto-labels", _vote_out_onto_labels, "--labels"),
+    ("soup-out-holds-inputs-ok", _soup_out_holds_ingredients, "uniform"),
+    ("train-overwrite-run-holds-data", _train_overwrite_holds_data, "data"),
+    ("resume-changed-lr", _resume_changed("res_lr", "--lr", "0.05"), "--lr 0.05"),
+    ("resume-changed-batch-size", _resume_changed("res_bs", "--batch-size", "8"), "--batch-size 8"),
+    ("resume-changed-opt", _resume_changed("res_opt", "--opt", "adamw"), "--opt adamw"),
+    ("resume-changed-amp", _resume_changed("res_amp", "--amp", "bf16"), "--amp bf16"),
+    ("resume-changed-data", _resume_other_data, "the training data"),
+    ("resume-from-best-pt", _resume_from_best, "no training state"),
+    ("lock-train-second-command", _locked_train, ""),
+    ("lock-soup-second-command", _locked_soup, ""),
+    ("lock-finetune-second-command", _locked_finetune, ""),
+    ("csv-nan-label", _csv_nan_label, "missing label"),
+    ("csv-empty-label", _csv_empty_label, "empty label"),
+    ("csv-one-class", _csv_one_class, "only one class"),
+    ("idx-one-class", _idx_one_class, "only one class"),
+    ("classes-txt-in-cache-key-ok", _classes_txt_after_first_load, "zebra"),
+    ("vote-no-meta-refused", _vote_no_meta, "a.npy"),
+    ("vote-no-meta-kind-single-ok", _vote_no_meta_kind_single, ""),
+    ("synth-crafted-manifest", _synth_crafted_manifest, "victim.csv"),
+    ("csv-path-escapes-data-root", _csv_path_escapes, "outside"),
+    ("csv-absolute-path", _csv_absolute_path, "outside"),
+    ("sync-bn-on-cpu", _sync_bn_cpu, "--sync-bn"),
+    ("sync-bn-on-cpu-finetune", _sync_bn_cpu_finetune, "--sync-bn"),
+    ("eval-only-given-a-directory", _dir_as("train.py", "--eval-only"), "is a directory"),
+    ("config-given-a-directory", _dir_as("train.py", "--config"), "is a directory"),
+    ("resume-given-a-directory", _dir_as("train.py", "--resume"), "is a directory"),
+    ("infer-checkpoint-is-a-directory", _dir_as("infer.py", None), "is a directory"),
+    ("soup-ingredient-is-a-directory", _dir_as("soup.py", None), "is a directory"),
+    ("finetune-weights-is-a-directory", _dir_as("finetune.py", None), "is a directory"),
+    ("nan-in-first-epoch-no-checkpoint", _nan_first_epoch, "no checkpoint was written"),
+    ("run-all-epochs-abc", _run_all("epochs", EPOCHS="abc"), "EPOCHS='abc'"),
+    ("run-all-negative", _run_all("neg", LABELS_PER_CLASS="-3"), "LABELS_PER_CLASS='-3'"),
+    ("run-all-zero-threads", _run_all("threads", THREADS="0"), "THREADS='0'"),
+    ("run-all-unknown-amp", _run_all("amp", AMP="fp8"), "AMP='fp8'"),
+    ("run-all-missing-data", _run_all("data", DATA="/no/such/data"), "DATA='/no/such/data'"),
+    ("run-all-run-not-a-name", _run_all("run", RUN="../escape"), "RUN='../escape'"),
+    ("run-all-unknown-model", _run_all("model", MODEL="resnet18x"), "MODEL='resnet18x'"),
+    ("run-all-unknown-aug", _run_all("aug", AUG="flip,blur"), "AUG='flip,blur'"),
+    ("run-all-runs-dir-is-a-file", _run_all_runs_dir_file, "RUNS_DIR="),
+    ("skip-existing-truncated-best-redone", _skip_existing_truncated, "redo"),
+]
+
+
 # (id, command builder, expected substring of the one stderr line; exit-0 rows: of the output)
 CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
     ("missing-path", _missing, "no such file or directory"),
@@ -586,6 +1217,7 @@ CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
     ("stream-data-eda-ok", _stream_data, "would need"),
     ("stream-infer-ok", _stream_infer, "streaming from disk"),
 ]
+CASES += NEW_CASES
 
 
 # The battery's runner. `python script.py` pays ~3 s of torch import per row; on two busy cores
@@ -607,6 +1239,8 @@ def child(job):
     os.environ.clear()
     os.environ.update(job["env"])
     script = os.path.join(root, job["script"])
+    if script.endswith(".sh"):  # run_all.sh: the forked child becomes bash
+        os.execvp("bash", ["bash", script, *job["args"]])
     sys.argv = [script, *job["args"]]
     sys.path[0] = root
     code = 0
@@ -643,6 +1277,13 @@ print(json.dumps(codes))
 """
 
 
+def _run_one(c: Case, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    if c.script.endswith(".sh"):
+        argv = ["bash", str(ROOT / c.script), *map(str, c.args)]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return cli(c.script, *c.args, env=env, cwd=cwd)
+
+
 def run_rows(
     cases: dict[str, Case], env: dict, tmp: Path
 ) -> dict[str, subprocess.CompletedProcess]:
@@ -650,12 +1291,11 @@ def run_rows(
     if os.environ.get("IMGCLS_TEST_SUBPROCESS") == "1" or not hasattr(os, "fork"):
         with ThreadPoolExecutor(2) as ex:
             futures = {
-                cid: ex.submit(cli, c.script, *c.args, env={**env, **c.env}, cwd=tmp)
-                for cid, c in cases.items()
+                cid: ex.submit(_run_one, c, {**env, **c.env}, tmp) for cid, c in cases.items()
             }
         return {cid: f.result() for cid, f in futures.items()}
     logs = tmp / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     jobs = [
         {
             "id": cid,
@@ -699,16 +1339,46 @@ def battery(request, tmp_path_factory) -> dict[str, tuple[Case, subprocess.Compl
     }
     tmp = tmp_path_factory.mktemp("battery")
     ws = Workspace(tmp)
-    cases = {cid: build(ws) for cid, build, _ in CASES if cid in wanted}
-    results = run_rows(cases, child_env(tmp), tmp)
-    assert not ws.marker.exists(), "a malicious checkpoint ran code on load"
-    return {cid: (cases[cid], results[cid]) for cid in cases}
+    try:
+        builds = [(cid, build) for cid, build, _ in CASES if cid in wanted]
+        if any(build.__name__ in PREP_NEEDED for _, build in builds):
+            prep = run_rows(prep_cases(ws), child_env(tmp), tmp)
+            for cid, r in prep.items():
+                assert r.returncode == 0, f"{cid}: {r.stderr}"
+        cases = {cid: build(ws) for cid, build in builds}
+        ws.fill()  # the full-disk rows' file system: full from here on
+        before = {cid: [_snapshot(p) for p in c.unchanged] for cid, c in cases.items()}
+        run = {cid: c for cid, c in cases.items() if c.skip is None}
+        results = run_rows(run, child_env(tmp), tmp)
+        assert not ws.marker.exists(), "a malicious checkpoint ran code on load"
+        after = {cid: [_snapshot(p) for p in c.unchanged] for cid, c in run.items()}
+        yield {
+            cid: (c, results.get(cid), before[cid] == after.get(cid)) for cid, c in cases.items()
+        }
+    finally:
+        ws.close()
+
+
+def _snapshot(p: Path) -> dict[str, bytes] | None:
+    """Every file under p (or p itself) with its bytes; None when p does not exist."""
+    p = Path(p)
+    if p.is_file():
+        return {"": p.read_bytes()}
+    if not p.is_dir():
+        return None
+    return {
+        str(f.relative_to(p)): f.read_bytes() if f.is_file() else b"<dir>"
+        for f in sorted(p.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("row", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(row, battery):
     cid, _, expected = row
-    case, r = battery[cid]
+    case, r, same = battery[cid]
+    if case.skip:
+        pytest.skip(case.skip)
+    expected = expected if case.expect is None else case.expect
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     shown = f"exit {r.returncode}\nstderr:\n{r.stderr}\nstdout tail:\n{r.stdout[-800:]}"
     assert "Traceback" not in r.stderr, shown
@@ -717,6 +1387,9 @@ def test_bad_input(row, battery):
         assert Path(p).is_file(), f"{p} is missing\n{shown}"
     for p in case.absent:
         assert not Path(p).exists(), f"{p} was left behind\n{shown}"
+    assert same, f"{case.unchanged} changed\n{shown}"
+    for p in case.loads:
+        models.load_checkpoint(p)  # a verified, complete checkpoint
     if case.code == 0:
         assert expected in r.stdout + r.stderr, shown
         return
