@@ -853,7 +853,8 @@ def open_storage(optuna, url: str, heartbeat: int | None = None):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(
             f"--storage {url}: cannot open the study database ({first}); check the URL, that "
-            "the server is reachable and its driver installed (e.g. pip install psycopg2-binary)"
+            "the server is reachable and that its driver is installed (postgresql+psycopg2://"
+            "...: pip install psycopg2-binary)"
         ) from None
 
 

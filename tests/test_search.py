@@ -213,6 +213,25 @@ def test_two_workers_share_one_sqlite_study(start, tmp_path):
     assert all(re.search(r"^search s: \d+ finished", log, re.M) for log in logs)
 
 
+@pytest.mark.skipif(
+    not os.environ.get("IMGCLS_TEST_DB_URL"),
+    reason="set IMGCLS_TEST_DB_URL to a database server's SQLAlchemy URL to run it",
+)
+def test_search_on_a_database_server(start, tmp_path):
+    """The multi-machine form: a server URL (e.g. postgresql+psycopg2://u:pw@host/db)."""
+    url, study = os.environ["IMGCLS_TEST_DB_URL"], f"t{os.getpid()}_{time.time_ns()}"
+    out = tmp_path / "runs"
+    ft(start, out, "--search", "2", *SHORT, "--storage", url, "--study", study)
+    trials = optuna.load_study(study_name=study, storage=url).trials
+    assert states_of(trials) == ["COMPLETE", "COMPLETE"]
+    assert all((Path(t.user_attrs["run_dir"]) / "best.pt").exists() for t in trials)
+    optuna.delete_study(study_name=study, storage=url)
+
+
+def states_of(trials) -> list[str]:
+    return [t.state.name for t in trials]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
