@@ -1640,11 +1640,14 @@ def load_images(
         quiet,
     )
     ds = _decode_cached(fmt, part, root, FORMATS[fmt](root, part, opts), opts, cache, cache_dir)
-    if ds.has_labels and not ds.multi_label and len(ds.classes) < 2:
-        raise UserError(
-            f"{root}: only one class ({', '.join(ds.classes) or 'none'}); a classifier needs at "
-            "least two classes: add labelled images of another class"
-        )
+    if part == "train" and ds.has_labels and not ds.multi_label:
+        present = torch.unique(ds.labels[ds.labels >= 0]).tolist() if len(ds) else []
+        if len(ds.classes) < 2 or len(present) < 2:
+            names = [ds.classes[k] for k in present if k < len(ds.classes)] or ds.classes
+            raise UserError(
+                f"{root}: only one class ({', '.join(names[:1]) or 'none'}) in its labels; a "
+                "classifier needs at least two classes: add labelled images of another class"
+            )
     return ds
 
 

@@ -727,7 +727,7 @@ def test_missing_letter_in_pixels_csv_refused(tmp_path):
 def test_one_class_refused_in_every_format(tmp_path):
     root = make_csv_set(tmp_path / "c", n=4)
     (root / "train.csv").write_text("file,label\n" + "".join(f"im{i}.png,a\n" for i in range(4)))
-    with pytest.raises(UserError, match=r"only one class \(a\); a classifier needs at least two"):
+    with pytest.raises(UserError, match=r"only one class \(a\) in its labels; a classifier"):
         data.load_images(root)
     idx = tmp_path / "i"
     write_idx(idx, "train", images(6), np.zeros(6))
@@ -736,6 +736,12 @@ def test_one_class_refused_in_every_format(tmp_path):
         data.load_images(idx)
     with pytest.raises(UserError, match="only one class folder"):
         data.load_images(make_folder(tmp_path / "f", classes=("cat",)))
+    # ten class names but every label 0: one class present in the training part
+    write_idx(tmp_path / "z", "train", images(6), np.zeros(6))
+    write_idx(tmp_path / "z", "t10k", images(2), np.zeros(2))
+    with pytest.raises(UserError, match=r"only one class \(0\) in its labels"):
+        data.load_images(tmp_path / "z")
+    assert len(data.load_images(tmp_path / "z", part="test")) == 2  # a test part may have one
 
 
 def test_classes_txt_added_later_is_not_hidden_by_the_cache(tmp_path):
