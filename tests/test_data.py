@@ -446,7 +446,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_augment_shapes_devices_determinism(device):
     x = batch(device=device)
-    names = ["flip", "vflip", "crop", "rot90", "randaug", "cutout", "none", "mixup"]
+    names = ["flip", "vflip", "crop", "rot90", "randaug", "cutout", "none", "mixup", "ssr"]
+    names += ["cutout:size=0.4:p=0.5", "ssr:rotate=30:scale=0.2:p=1"]
     a = data.augment_batch(x, names, torch.Generator().manual_seed(5))
     b = data.augment_batch(x, names, torch.Generator().manual_seed(5))
     c = data.augment_batch(x, names, torch.Generator().manual_seed(6))

@@ -218,3 +218,11 @@ def test_loss_parameters_through_build_loss():
         torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])
     )
     assert got.item() == pytest.approx(0.25 * -math.log(0.75), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_supcon_on_cuda_matches_cpu():
+    emb, y = torch.randn(8, 5), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    cpu = build_loss("supcon", temperature=0.2)(emb, y)
+    gpu = build_loss("supcon", temperature=0.2)(emb.cuda(), y.cuda())
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)

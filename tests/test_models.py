@@ -441,3 +441,12 @@ def test_capture_embedding_is_the_classifier_input(arch):
     assert torch.allclose(head(emb), logits, atol=1e-5)
     model(x)  # the hook is gone after the block
     assert got["embedding"] is emb
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grad_checkpointing_smallnet_on_cuda():
+    m = models.create_model("smallnet_s", 3, img_size=16, grad_checkpointing=True).cuda()
+    with models.autocast("cuda", "bf16"):
+        loss = m(torch.randn(4, 1, 16, 16, device="cuda")).float().logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
