@@ -287,13 +287,26 @@ _BUILDERS = {
 }
 
 
-def build_loss(name: str, **kw) -> nn.Module:
-    """Loss module by name (see LOSS_NAMES); kw are that loss's settings, e.g. smoothing=0.1."""
+def loss_name(name: str) -> str:
+    """The canonical name of a loss (aliases such as ContrastiveLoss resolved); ValueError."""
     key = str(name).strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
         raise ValueError(f"unknown loss '{name}'; choose one of: {', '.join(LOSS_NAMES)}")
-    allowed = list(inspect.signature(_BUILDERS[key]).parameters)
+    return key
+
+
+def loss_params(name: str) -> dict[str, object]:
+    """The settings a loss takes and their defaults, e.g. {"gamma": 2.0, "alpha": None}: a CLI
+    passes exactly these of its flags to build_loss."""
+    sig = inspect.signature(_BUILDERS[loss_name(name)])
+    return {k: p.default for k, p in sig.parameters.items()}
+
+
+def build_loss(name: str, **kw) -> nn.Module:
+    """Loss module by name (see LOSS_NAMES); kw are that loss's settings, e.g. smoothing=0.1."""
+    key = loss_name(name)
+    allowed = list(loss_params(key))
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
         raise ValueError(

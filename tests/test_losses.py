@@ -226,3 +226,15 @@ def test_supcon_on_cuda_matches_cpu():
     cpu = build_loss("supcon", temperature=0.2)(emb, y)
     gpu = build_loss("supcon", temperature=0.2)(emb.cuda(), y.cuda())
     assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+def test_loss_params_and_names_for_a_cli():
+    from losses import loss_name, loss_params
+
+    assert loss_name("ContrastiveLoss") == "supcon" and loss_name("Focal_Loss") == "focal"
+    assert loss_params("supcon") == {"temperature": 0.1, "weight": None, "smoothing": 0.0}
+    assert loss_params("focal") == {"gamma": 2.0, "alpha": None}
+    assert loss_params("asl") == {"gamma_neg": 4.0, "gamma_pos": 0.0, "clip": 0.05}
+    assert loss_params("bce") == {}
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        loss_params("hinge")
