@@ -732,8 +732,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
         "--storage",
         default=None,
         metavar="URL",
-        help="study database, any SQLAlchemy URL (postgresql://user:pw@host/db, "
-        "sqlite:///path.db); default: sqlite:///<out>/<name>/search.db",
+        help="study database, any SQLAlchemy URL (postgresql+psycopg2://user:pw@host/db, "
+        "sqlite:///path.db); None: sqlite:///<out>/<name>/search.db",
     )
     g.add_argument("--study", default="search", help="study name inside --storage")
     g.add_argument(
