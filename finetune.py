@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     """train.py's flags plus the fine-tuning group."""
     p = train.build_parser()
     p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(opt="sgd")  # the grid's lr ranges are per optimizer: no automatic switch
     for a in p._actions:
         if a.dest in GRID_KEYS:
             a.help = f"{a.help or ''}; finetune.py: the --i grid point's value unless given".lstrip(
@@ -421,8 +423,8 @@ def write_wise(t: train.Training, start: dict, alpha: float) -> dict:
     }
     with atomic_path(t.run.path / "best_finetuned.pt") as tmp:
         shutil.copyfile(best, tmp)
-    meta = {k: v for k, v in ck.items() if k not in ("format", "state_dict", "created", "torch")}
-    models.save_checkpoint(best, sd, {**meta, "metrics": metrics})
+    meta = dataclasses.replace(models.read_meta(ck, str(best)), metrics=metrics)
+    models.save_checkpoint(best, sd, meta)
     result = {
         "wise_alpha": alpha,
         "wise_val_acc": m["acc"],
