@@ -285,6 +285,8 @@ def check_flags(args) -> None:
         raise UserError(
             f"--fold {args.fold}: must be in 0..{args.kfold - 1} for --kfold {args.kfold}"
         )
+    if args.eval_test and args.task == "rotation" and not (args.eval_only or args.linear_eval):
+        raise UserError("--eval-test: a --task rotation run has no test accuracy; drop one of them")
     if args.nonlinear and not args.linear_eval:
         raise UserError("--nonlinear: only with --linear-eval CKPT; add it or drop --nonlinear")
     for flag in ("eval_only", "linear_eval", "resume", "weights"):

@@ -268,6 +268,7 @@ def test_bad_number_exit_2_before_anything(tiny_idx, tmp_path, capsys, flag, val
         (["--fold", "2"], "--fold 2: needs --kfold"),
         (["--kfold", "3", "--fold", "3"], "0..2"),
         (["--nonlinear"], "--linear-eval"),
+        (["--task", "rotation", "--eval-test"], "--eval-test"),
         (["--accum-steps", "9"], "--accum-steps 9"),  # 3 batches an epoch: no step would happen
         (["--aug", "flip,nope"], "--aug nope"),
         (["--device", "cpu", "--sync-bn"], "--sync-bn"),
