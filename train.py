@@ -1636,9 +1636,10 @@ def block_features(
 
 
 def train_probe(
-    xtr, ytr, xva, yva, num_classes: int, epochs: int, seed: int, hidden: int = 0
+    train_xy, val_xy, num_classes: int, epochs: int, seed: int, hidden: int = 0
 ) -> float:
-    """Train a linear (or one-hidden-layer) classifier on fixed features; val accuracy."""
+    """Train a linear (or one-hidden-layer) classifier on fixed (features, labels); val accuracy."""
+    (xtr, ytr), (xva, yva) = train_xy, val_xy
     mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
     torch.manual_seed(seed)
@@ -1691,7 +1692,7 @@ def linear_eval(args) -> list[dict]:
     results = []
     for name, a, b in zip(names, ftr, fva):
         probe = functools.partial(
-            train_probe, a, ytr, b, yva, k, args.linear_epochs, args.random_seed
+            train_probe, (a, ytr), (b, yva), k, args.linear_epochs, args.random_seed
         )
         row = {"block": name, "dims": a.shape[1], "linear_acc": probe()}
         if args.nonlinear:
