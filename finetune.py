@@ -1043,6 +1043,14 @@ def run_search(args, argv) -> dict:
         storage = open_storage(optuna, url, args.heartbeat)
         pruner = _make_pruner(optuna, args.pruner, space, probe)
         study = _load_study(optuna, args, storage, True, space, pruner)
+        beat = study.user_attrs.get("heartbeat")
+        if beat is None:
+            study.set_user_attr("heartbeat", args.heartbeat)
+        elif beat != args.heartbeat:  # a shorter one would take live workers' trials for dead
+            raise UserError(
+                f"--heartbeat {args.heartbeat}: study {args.study} runs with --heartbeat {beat}; "
+                "give every worker the same value"
+            )
         if not study.trials and study_dir.exists() and any(study_dir.iterdir()):
             raise UserError(
                 f"{study_dir}: holds trials of another study than {url} records; "

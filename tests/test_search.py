@@ -317,6 +317,9 @@ def test_study_with_another_space_is_refused(start, tmp_path, capsys):
     assert "--study" in err
     ft(start, out, "--search", "1", *SHORT, "--study", "other")  # a new study name is fine
     assert len(load(out, study="other").trials) == 1
+    # workers of one study must agree on the heartbeat (a shorter one fails live trials)
+    beat = ["--study", "other", "--heartbeat", "5"]
+    _refused(capsys, lambda: ft(start, out, "--search", "2", *SHORT, *beat), "--heartbeat 30")
 
 
 def test_without_optuna_one_line(start, tmp_path, capsys, monkeypatch):
