@@ -588,13 +588,16 @@ def needs_prep(build):
     return build
 
 
+PREP_FLAGS = ["--epochs", "1", *FAST, "--amp", "none", "--aug", "none", "--opt", "sgd"]
+
+
 def prep_cases(ws: Workspace) -> dict[str, Case]:
     """Real runs the rows start from: a finished 1-epoch run, a decode cache of `idx_names`."""
     ws.idx_names = ws.root / "idx_names"
     shutil.copytree(ws.idx, ws.idx_names)
-    args = ["--data", ws.idx, "--out", ws.prep, "--name", "done", "--epochs", "1", *FAST]
+    args = ["--data", ws.idx, "--out", ws.prep, "--name", "done", *PREP_FLAGS]
     return {
-        "prep-run": Case("train.py", [*args, "--amp", "none", "--aug", "none"], code=0),
+        "prep-run": Case("train.py", args, code=0),
         "prep-cache": Case("data.py", ["--data", ws.idx_names], code=0),
     }
 
@@ -619,17 +622,13 @@ NUMERIC = [
     ("train.py", "--threads", "0"), ("train.py", "--split-seed", "-1"), ("train.py", "--pad", "-1"),
     ("train.py", "--warmup-epochs", "nan"), ("train.py", "--ema", "1.5"),
     ("train.py", "--mix-alpha", "0"), ("train.py", "--labels-per-class", "0"),
-    ("train.py", "--img-size", "100000"), ("train.py", "--milestones", "0.5,abc"),
-    ("train.py", "--drop", "1.5"), ("finetune.py", "--epochs", "0"), ("finetune.py", "--lr", "inf"),
-    ("finetune.py", "--batch-size", "-4"), ("soup.py", "--eval-batch-size", "0"),
-    ("soup.py", "--threads", "-1"), ("infer.py", "--scale", "0"),
-    ("infer.py", "--eval-batch-size", "0"), ("infer.py", "--shift-px", "0"),
-    ("infer.py", "--crop-ratio", "1.5"), ("vote.py", "--weights", "1,nan"),
-    ("vote.py", "--weights", "1,-1"), ("vote.py", "--threshold", "1.5"),
-    ("synth.py", "--num-images", "-5"), ("synth.py", "--workers", "0"),
-    ("synth.py", "--img-size", "0"), ("synth.py", "--seed", "-1"),
-    ("data.py", "--val-ratio", "1.5"), ("data.py", "--split-seed", "nan"),
-    ("data.py", "--img-size", "0"),
+    ("train.py", "--milestones", "0.5,abc"), ("train.py", "--drop", "1.5"),
+    ("finetune.py", "--epochs", "0"), ("finetune.py", "--lr", "inf"),
+    ("finetune.py", "--batch-size", "-4"), ("soup.py", "--threads", "-1"),
+    ("infer.py", "--eval-batch-size", "0"), ("infer.py", "--threads", "0"),
+    ("vote.py", "--iters", "-1"), ("vote.py", "--init-sorted", "0"), ("vote.py", "--mode", "avg"),
+    ("data.py", "--split-seed", "nan"), ("data.py", "--split-seed", "-1"),
+    ("data.py", "--in-chans", "2"),
 ]  # fmt: skip
 
 
@@ -738,15 +737,6 @@ def _soup_plot_fails(ws):
     return Case("soup.py", [*args, "--holdout", ws.idx], [d / "uniform_soup.pt"], unchanged=[d])
 
 
-def _soup_overwrite_bad_ingredient(ws):
-    d = _fake_soup(ws, ws.out("soup_ow") / "soup")
-    args = ["--ingredients", ws.ckpt, ws.root / "missing.pt", "--uniform", "--out", d]
-    return Case("soup.py", [*args, "--overwrite"], unchanged=[d])
-
-
-# 3. The one writer: a directory as target, a full disk --------------------------------------
-
-
 def _infer_out_is_dir(ws):
     d = ws.out("infer_dir") / "sub.csv"
     (d / "keep").mkdir(parents=True)
@@ -812,13 +802,6 @@ def _full_synth(ws):
 # 4. Outputs never land on inputs ------------------------------------------------------------
 
 
-def _infer_out_onto_idx_labels(ws):
-    d = ws.dir("idx_onto")
-    shutil.copytree(ws.idx, d)
-    labels = d / "t10k-labels-idx1-ubyte"
-    return Case("infer.py", [ws.ckpt, "--data", d, "--out", labels], unchanged=[d])
-
-
 def _infer_out_onto_test_csv(ws):
     d = make_csv(ws.dir("csv_onto"), "file,label", [f"im{i}.png,{'abc'[i % 3]}" for i in range(6)])
     (d / "test.csv").write_text((d / "train.csv").read_text())
@@ -826,14 +809,6 @@ def _infer_out_onto_test_csv(ws):
     return Case("infer.py", [ck, "--data", d, "--out", d / "test.csv"], unchanged=[d])
 
 
-def _infer_out_onto_checkpoint(ws):
-    ck = ws.dir("ck_onto") / "a.pt"
-    ck.parent.mkdir(parents=True)
-    shutil.copy(ws.ckpt, ck)
-    return Case("infer.py", [ck, "--data", ws.idx, "--out", ck], unchanged=[ck])
-
-
-@needs_prep
 def _soup_ingredient_is_an_output(ws):
     d = _fake_soup(ws, ws.out("soup_onto_out") / "soup")
     shutil.copy(ws.prep / "done" / "best.pt", d / "uniform_soup.pt")  # a real ingredient
@@ -886,8 +861,8 @@ def _resume_changed(name: str, *changed):
     @needs_prep
     def build(ws):
         run = copy_run(ws, name, interrupted=True)
-        args = ["--data", ws.idx, "--out", run.parent, "--name", "r", "--epochs", "1", *FAST]
-        return Case("train.py", [*args, "--amp", "none", "--aug", "none", *changed, "--resume"],
+        args = ["--data", ws.idx, "--out", run.parent, "--name", "r", *PREP_FLAGS]
+        return Case("train.py", [*args, *changed, "--resume"],
                     [run / "summary.json"], unchanged=[run])  # fmt: skip
 
     build.__name__ = f"_resume_{name}"
@@ -900,8 +875,8 @@ def _resume_other_data(ws):
     other = ws.dir("other_data")
     x, y = make_patterns(150, 3, 16, seed=7)
     write_idx(other, "train", x[:120], y[:120])
-    args = ["--data", other, "--out", run.parent, "--name", "r", "--epochs", "1", *FAST]
-    return Case("train.py", [*args, "--amp", "none", "--aug", "none", "--resume"],
+    args = ["--data", other, "--out", run.parent, "--name", "r", *PREP_FLAGS]
+    return Case("train.py", [*args, "--resume"],
                 [run / "summary.json"], unchanged=[run])  # fmt: skip
 
 
@@ -1012,7 +987,7 @@ def _synth_crafted_manifest(ws):
 
 def _csv_path_escapes(ws):
     write_png(ws.dir("csv_escape_outside") / "x.png", make_patterns(1, 3, 16)[0][0])
-    rows = [f"im{i}.png,{'abc'[i % 3]}" for i in range(5)] + ["../csv_escape_outside/x.png,a"]
+    rows = [f"im{i}.png,{'abc'[i % 3]}" for i in range(5)] + ["../../csv_escape_outside/x.png,a"]
     return train_case(make_csv(ws.dir("csv_escape"), "file,label", rows), ws, "csv_escape")
 
 
@@ -1050,6 +1025,14 @@ def _dir_as(script: str, flag: str | None):
             return Case(script, [d, "--data", ws.idx, "--out", out / "s.csv"], [out])
         if script == "soup.py":
             return Case(script, ["--ingredients", ws.ckpt, d, "--uniform", "--out", out], [out])
+        if script == "vote.py":
+            a = _probs(ws.dir(f"dir_vote_{flag}_in"), "a", ["1", "2"], 3)
+            b = _probs(ws.dir(f"dir_vote_{flag}_in"), "b", ["1", "2"], 3)
+            ins = [d, a] if flag == "files" else [a, b, flag, d]
+            return Case(script, [*ins, "--out", out / "v.csv"], [out])
+        if script == "synth.py":
+            args = ["--mode", "dirty", flag, d, "--num-images", "2", "--output-dir", out]
+            return Case(script, args, [out])
         args = ["--data", ws.idx, "--weights", d, "--out", out, "--i", "1", *FAST]
         return Case(script, args, [out])
 
@@ -1105,7 +1088,6 @@ NEW_CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
     ("infer-confusion-fails-nothing-written", _infer_confusion_fails, "a_file"),
     ("infer-probs-fail-nothing-written", _infer_probs_fail, "p.npy"),
     ("soup-plot-fails-nothing-written", _soup_plot_fails, "soup.png"),
-    ("soup-overwrite-bad-ingredient-keeps-soup", _soup_overwrite_bad_ingredient, "missing.pt"),
     ("infer-out-is-a-directory", _infer_out_is_dir, "is a directory"),
     ("vote-out-is-a-directory", _vote_out_is_dir, "is a directory"),
     ("data-grid-is-a-directory", _grid_is_dir, "is a directory"),
@@ -1114,9 +1096,7 @@ NEW_CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
     ("full-disk-train", _full_train, "free space"),
     ("full-disk-soup", _full_soup, "free space"),
     ("full-disk-synth", _full_synth, "free space"),
-    ("infer-out-onto-idx-labels", _infer_out_onto_idx_labels, "--out"),
     ("infer-out-onto-test-csv", _infer_out_onto_test_csv, "--out"),
-    ("infer-out-onto-checkpoint", _infer_out_onto_checkpoint, "--out"),
     ("soup-ingredient-is-an-output", _soup_ingredient_is_an_output, "--ingredients"),
     ("vote-out-onto-input", _vote_out_onto_input, "--out"),
     ("vote-out-onto-labels", _vote_out_onto_labels, "--labels"),
@@ -1143,12 +1123,12 @@ NEW_CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
     ("csv-absolute-path", _csv_absolute_path, "outside"),
     ("sync-bn-on-cpu", _sync_bn_cpu, "--sync-bn"),
     ("sync-bn-on-cpu-finetune", _sync_bn_cpu_finetune, "--sync-bn"),
-    ("eval-only-given-a-directory", _dir_as("train.py", "--eval-only"), "is a directory"),
     ("config-given-a-directory", _dir_as("train.py", "--config"), "is a directory"),
-    ("resume-given-a-directory", _dir_as("train.py", "--resume"), "is a directory"),
-    ("infer-checkpoint-is-a-directory", _dir_as("infer.py", None), "is a directory"),
     ("soup-ingredient-is-a-directory", _dir_as("soup.py", None), "is a directory"),
-    ("finetune-weights-is-a-directory", _dir_as("finetune.py", None), "is a directory"),
+    ("vote-input-is-a-directory", _dir_as("vote.py", "files"), "is a directory"),
+    ("vote-labels-is-a-directory", _dir_as("vote.py", "--labels"), "is a directory"),
+    ("relabel-is-a-directory", _dir_as("train.py", "--relabel"), "is a directory"),
+    ("synth-mnist-data-is-a-directory", _dir_as("synth.py", "--mnist-data"), "is a directory"),
     ("nan-in-first-epoch-no-checkpoint", _nan_first_epoch, "no checkpoint was written"),
     ("run-all-epochs-abc", _run_all("epochs", EPOCHS="abc"), "EPOCHS='abc'"),
     ("run-all-negative", _run_all("neg", LABELS_PER_CLASS="-3"), "LABELS_PER_CLASS='-3'"),
@@ -1521,6 +1501,43 @@ def test_sigint_mid_epoch_exits_130_then_resume_matches(resume_setup):
     assert r.returncode == 0, r.stderr
     assert f"epoch 2, batch {ck['train_state']['batch']}" in r.stdout
     assert_same_run(tmp / "runs" / "ref", run)
+
+
+# ---------------------------------------------------------------------------
+# Fault injection (issue 12): kill -9 during --overwrite, a second command on the same run
+
+
+def test_kill_during_overwrite_and_a_concurrent_run(tmp_path):
+    """A finished run; `--overwrite` SIGKILLed mid-training leaves it byte-identical; meanwhile a
+    second command on the same --out/--name is refused naming the holder's pid; the next
+    --overwrite takes the stale lock over, drops the dead staging dir and replaces the run."""
+    x, y = make_patterns(400, 3, 16, seed=2)
+    write_idx(tmp_path / "d", "train", x, y)
+    env, runs = child_env(tmp_path), tmp_path / "runs"
+    base = ["--data", tmp_path / "d", "--out", runs, "--name", "r", *FAST, "--aug", "none"]
+    r = cli("train.py", *base, "--epochs", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    run = runs / "r"
+    old = _snapshot(run)
+    argv = [sys.executable, str(ROOT / "train.py"), *map(str, base), "--epochs", "500"]
+    proc = subprocess.Popen([*argv, "--overwrite"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: any(runs.glob(".r.staging-*/last.pt")), proc, "the new run saved epoch 1")
+        second = cli("train.py", *base, "--epochs", "1", "--overwrite", env=env)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"pid {proc.pid}" in lines[0] and "--name" in lines[0], lines
+        assert proc.poll() is None, "the first run ended before the second was refused"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert _snapshot(run) == old  # killed before its commit: the old run exactly as it was
+    assert (runs / ".r.lock").exists() and any(runs.glob(".r.staging-*"))  # a kill's leftovers
+    again = cli("train.py", *base, "--epochs", "2", "--overwrite", env=env)
+    assert again.returncode == 0, again.stderr
+    assert [row["epoch"] for row in map(json.loads, (run / "metrics.jsonl").open())] == [1, 2]
+    assert sorted(p.name for p in runs.iterdir()) == ["r"]  # no lock, no staging dir left
 
 
 # ---------------------------------------------------------------------------
