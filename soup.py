@@ -792,8 +792,9 @@ def soup_meta(used: Sequence[Ingredient], soup: dict, m: dict, args) -> models.C
     return replace(first, args=targs, metrics=_val(m), extra={"soup": record})
 
 
-def plot_soup(path, names: list[str], accs: list[float], kept: set, soups: dict) -> None:
-    """soup.png: each ingredient's held-out accuracy (by rank) and the soups as lines."""
+def plot_soup(tmp, names: list[str], accs: list[float], kept: set, soups: dict) -> None:
+    """soup.png (into `tmp`, a staged path): each ingredient's held-out accuracy (by rank) and
+    the soups as lines."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -819,7 +820,7 @@ def plot_soup(path, names: list[str], accs: list[float], kept: set, soups: dict)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        fig.savefig(path, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
 

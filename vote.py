@@ -173,7 +173,8 @@ def write_submission(
     if len(df) != len(ids):
         raise ValueError(f"{len(ids)} ids but {len(df)} labels")
     with _staged(out) as o:
-        df.to_csv(o.path(path), index=False)
+        tmp = o.path(path)
+        df.to_csv(tmp, index=False)
     return Path(path)
 
 
@@ -207,7 +208,8 @@ def write_probs(
     meta = {"format": 1, "multi_label": bool(multi_label), "classes": classes, "kind": kind}
     with _staged(out) as o:
         if fmt == "npy":
-            with open(o.path(paths["npy"]), "wb") as f:
+            tmp = o.path(paths["npy"])
+            with open(tmp, "wb") as f:
                 np.save(f, p)  # a file object: np.save(path) would append .npy to the temp name
             o.text(paths["ids"], "".join(i + "\n" for i in ids))
             o.text(paths["classes"], "".join(c + "\n" for c in classes))
@@ -215,7 +217,8 @@ def write_probs(
         else:
             df = pd.DataFrame(p, columns=classes)
             df.insert(0, "id", ids)
-            df.to_csv(o.path(paths["csv"]), index=False)
+            tmp = o.path(paths["csv"])
+            df.to_csv(tmp, index=False)
             written = [paths["csv"]]
         o.json(paths["meta"], meta)
     return written + [paths["meta"]]
@@ -658,7 +661,8 @@ def plot_confusion(
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     try:
         with _staged(out) as o:
-            fig.savefig(o.path(path), format=fmt, dpi=120)
+            tmp = o.path(path)
+            fig.savefig(tmp, format=fmt, dpi=120)
     finally:
         plt.close(fig)
     return Path(path)
