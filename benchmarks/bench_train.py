@@ -12,6 +12,8 @@ Prints images/s and the ratios a/b and a/c for timm resnet18 and the default sma
 through the net 4 times, once per rotation) next to supervised training with train.fit, as
 images/s per input image and per forward image, plus supervised training at 4x the batch (the
 same forward batch as RotNet) to separate the cost of a bigger batch from the rotation path.
+--mode rotation-steps (also in rotation and all): the same three at the level of one training
+step on random 28x28 images, per forward image, with rotate_batch's share of the step time.
 """
 
 from __future__ import annotations
@@ -182,6 +184,58 @@ def rotation_rows(a, amp: str) -> list[list]:
     return rows
 
 
+def rotation_step_rates(arch: str, bs: int, amp: str, threads: int, repeats: int) -> list:
+    """Step-level images/s per forward image, interleaved, best of `repeats`: supervised at
+    batch B and 4B, RotNet at input batch B (4B forward), and rotate_batch's share of a step."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 256, (4 * bs, 1, 28, 28), dtype=torch.uint8)
+    nets = {k: _setup_nc(arch, 4 if k == "rot" else 10) for k in ("sup", "sup4", "rot")}
+    best = dict.fromkeys(nets, 0.0)
+    share = 0.0
+    for rep in range(repeats + 1):  # the first round warms up kernels and is not kept
+        for k, (m, opt) in nets.items():
+            step = _step_fn(m, opt, amp)
+            b, n_steps = (4 * bs, 1) if k == "sup4" else (bs, 4 if k == "sup" else 1)
+            t_rot, t0 = 0.0, time.perf_counter()
+            for i in range(n_steps):
+                x = data.augment_batch(
+                    data.normalize(x_u8[i * b % (4 * bs) :][:b], [0.5], [0.25]), ["flip", "crop"], g
+                )
+                if k == "rot":
+                    t1 = time.perf_counter()
+                    x, y = data.rotate_batch(x)
+                    t_rot += time.perf_counter() - t1
+                else:
+                    y = torch.randint(0, 10, (len(x),), generator=g)
+                step(x.contiguous(memory_format=torch.channels_last), y)
+            dt = time.perf_counter() - t0
+            if rep:
+                fwd = n_steps * b * (4 if k == "rot" else 1)
+                best[k] = max(best[k], fwd / dt)
+                if k == "rot":
+                    share = max(share, t_rot / dt)
+    return [arch, round(best["sup"]), round(best["sup4"]), round(best["rot"]),
+            f"{best['rot'] / best['sup']:.2f}", f"{best['rot'] / best['sup4']:.2f}",
+            f"{100 * share:.2f}%"]  # fmt: skip
+
+
+def _setup_nc(arch: str, num_classes: int):
+    torch.manual_seed(0)
+    m = models.create_model(arch, num_classes, 1, [28, 28]).to(memory_format=torch.channels_last)
+    return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+
+STEP_HEADER = [
+    "model",
+    "supervised fwd img/s (B)",
+    "supervised fwd img/s (4B)",
+    "RotNet fwd img/s (B in, 4B fwd)",
+    "RotNet / sup B",
+    "RotNet / sup 4B",
+    "rotate_batch share",
+]
+
 ROT_HEADER = [
     "model",
     "supervised img/s (batch B)",
@@ -194,7 +248,10 @@ ROT_HEADER = [
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/fashion-mnist"))
     p.add_argument("--images", type=int, default=10240, help="training images per measurement")
     p.add_argument("--batch-size", type=int, default=256)
@@ -202,14 +259,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default="smallnet_s,resnet18")
     p.add_argument("--repeats", type=int, default=2, help="best of N measurements of each")
-    p.add_argument("--mode", choices=["all", "pipeline", "rotation"], default="all")
+    p.add_argument(
+        "--mode", choices=["all", "pipeline", "rotation", "rotation-steps"], default="all"
+    )
     a = p.parse_args()
     amp = models.resolve_amp("cpu", a.amp)
     full, _ = data.load_split(a.data, "train")
     sub = full.subset(train.labelled_subset(full.labels, a.images // 10, 0))
     mean, std = data.mean_std(sub.images)
     rows = []
-    for arch in a.models.split(",") if a.mode != "rotation" else []:
+    for arch in a.models.split(",") if a.mode in ("all", "pipeline") else []:
         n = a.images if arch.startswith("smallnet") else a.images // 4  # resnet18 is slow on CPU
         s = sub.subset(range(n))
         # best of --repeats, interleaved, so a noisy moment does not decide a ratio
@@ -222,12 +281,25 @@ def main() -> None:
             rc = max(rc, bare(s.images, s.labels, mean, std, arch, a.batch_size, amp, a.threads))
         rows.append([arch, round(ra), round(rb), round(rc), f"{ra / rb:.2f}", f"{ra / rc:.2f}"])
         print(f"{arch}: ours {ra:.0f}  per-sample {rb:.0f}  bare {rc:.0f} img/s", flush=True)
-    rot = rotation_rows(a, amp) if a.mode != "pipeline" else []
+    rot = rotation_rows(a, amp) if a.mode in ("all", "rotation") else []
+    a_steps = a.mode != "pipeline"
+    steps = (
+        [
+            rotation_step_rates(m, a.batch_size, amp, a.threads, a.repeats)
+            for m in a.models.split(",")
+        ]
+        if a_steps
+        else []
+    )
     print(f"\namp={amp}, threads={a.threads}, batch {a.batch_size}")
     if rows:
         print(format_table(rows, ["model", "a: ours", "b: per-sample", "c: bare", "a/b", "a/c"]))
     if rot:
+        print("\ntrain.fit, whole epochs (input images/s; RotNet forwards 4 per input):")
         print(format_table(rot, ROT_HEADER))
+    if steps:
+        print("\none training step, per forward image (rotate_batch timed on its own):")
+        print(format_table(steps, STEP_HEADER))
 
 
 if __name__ == "__main__":

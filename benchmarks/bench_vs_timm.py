@@ -807,19 +807,22 @@ def run(args) -> str:
             print("measuring the speed of each side ...", flush=True)
             est = calibrate(args, info, work, timm_data, threads, extra_o, extra_t)
         epochs = {"ours": args.ours_epochs, "timm": args.timm_epochs}
+        short = []
         for side, e in est.items():
             n = epochs_that_fit(args.budget, e["fixed_s"], e["per_epoch_s"])
-            if n < 1:
-                need = e["fixed_s"] + e["per_epoch_s"]
-                raise UserError(
-                    f"--budget {args.budget:g}: one epoch of {side} takes about {need:.0f} s here "
-                    f"(startup and evaluation included); pass --budget {int(need * 1.2) + 1} or more"
-                )
-            epochs[side] = n
             print(
                 f"{side}: {e['images_per_s']:.0f} images/s, ~{e['per_epoch_s']:.0f} s/epoch + "
                 f"{e['fixed_s']:.0f} s fixed -> {n} epochs in {args.budget:.0f} s",
                 flush=True,
+            )
+            epochs[side] = n
+            if n < 1:
+                short.append((e["fixed_s"] + e["per_epoch_s"], side))
+        if short:  # measured, and not even one epoch fits: refuse before the long runs
+            need, side = max(short)
+            raise UserError(
+                f"--budget {args.budget:g}: one epoch of {side} takes about {need:.0f} s here "
+                f"(startup and evaluation included); pass --budget {int(need * 1.2) + 1} or more"
             )
         ours = Side(
             "ours",
