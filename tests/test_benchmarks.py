@@ -265,3 +265,11 @@ def test_bench_train_rotation_images_per_s(tiny_idx):
     sup = bench_train.ours(str(tiny_idx), "smallnet_s", 120, 32, "none", 1, epochs=1)
     rot = bench_train.ours(str(tiny_idx), "smallnet_s", 120, 32, "none", 1, "rotation", epochs=1)
     assert sup > 0 and rot > 0
+
+
+def test_bench_train_rotation_step_rates():
+    import bench_train
+
+    row = bench_train.rotation_step_rates("smallnet_s", 8, "none", 1, 1)
+    assert row[0] == "smallnet_s" and all(v > 0 for v in row[1:4])
+    assert row[6].endswith("%") and 0 <= float(row[6][:-1]) < 100
