@@ -810,6 +810,21 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def pyplot(flag: str):
+    """matplotlib.pyplot on the file-only Agg backend (imported here only, for the plot flags);
+    UserError naming `flag` when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(
+            f"{flag} needs matplotlib (pip install matplotlib); or drop {flag}"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def progress(iterable, quiet: bool = False, **kw):
     """tqdm progress bar on a TTY unless quiet; the plain iterable otherwise."""
     if quiet or not sys.stderr.isatty():

@@ -62,6 +62,7 @@ from common import (
     positive_float,
     positive_int,
     progress,
+    pyplot,
     refuse_output_on_input,
     seed_int,
     write_jsonl,
@@ -795,7 +796,7 @@ def soup_meta(used: Sequence[Ingredient], soup: dict, m: dict, args) -> models.C
 def plot_soup(tmp, names: list[str], accs: list[float], kept: set, soups: dict) -> None:
     """soup.png (into `tmp`, a staged path): each ingredient's held-out accuracy (by rank) and
     the soups as lines."""
-    plt = _pyplot()
+    plt = pyplot("--plot")
     from matplotlib.ticker import MaxNLocator
 
     order = sorted(range(len(accs)), key=lambda i: -accs[i])
@@ -823,19 +824,6 @@ def plot_soup(tmp, names: list[str], accs: list[float], kept: set, soups: dict) 
         fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError(
-            "--plot needs matplotlib (pip install matplotlib), or drop --plot"
-        ) from None
-    return plt
 
 
 # ---------------------------------------------------------------------------
@@ -945,7 +933,7 @@ def check_run(args, infos: list[Ingredient]) -> None:
     inputs += [("--holdout", args.holdout), ("--config", args.config)]
     refuse_output_on_input([("--out", out / f) for f in OUTPUTS], inputs)
     if args.plot:
-        _pyplot()
+        pyplot("--plot")
 
 
 def run(args) -> dict:

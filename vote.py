@@ -55,6 +55,7 @@ from common import (
     per_class_accuracy,
     positive_int,
     probability,
+    pyplot,
     read_csv,
     refuse_output_on_input,
 )
@@ -606,17 +607,6 @@ def _align_classes(ref: list[str], classes: list[str], arr, path, ref_path=None,
     return np.asarray(arr)[:, [pos[key(c)] for c in ref]]
 
 
-def _pyplot(flag: str):
-    try:
-        import matplotlib  # lazy: only the plots need it
-    except ImportError:
-        raise UserError(f"{flag} needs matplotlib (pip install matplotlib); or drop it") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def check_plot_path(path: str | Path | None, flag: str = "--confusion") -> None:
     """UserError now (before any work) when `path` cannot be a plot: a directory, a file type
     matplotlib cannot write, or no matplotlib."""
@@ -625,7 +615,7 @@ def check_plot_path(path: str | Path | None, flag: str = "--confusion") -> None:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give a file such as {p / 'cm.png'}")
-    plt = _pyplot(flag)
+    plt = pyplot(flag)
     fig = plt.figure()
     kinds = fig.canvas.get_supported_filetypes()
     plt.close(fig)
@@ -640,7 +630,7 @@ def plot_confusion(
     cm, classes: Sequence[str], path: str | Path, out: Outputs | None = None
 ) -> Path:
     """Save a row-normalised confusion-matrix heat map (counts written in small matrices)."""
-    plt = _pyplot("--confusion")
+    plt = pyplot("--confusion")
 
     cm = np.asarray(cm)
     k = len(cm)
