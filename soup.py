@@ -946,6 +946,9 @@ def run(args) -> dict:
     check_run(args, infos)
     out = Path(args.out)
     with DirLock(out):
+        for name in OUTPUTS:  # temp files of a killed soup (none can be live: we hold the lock)
+            for stale in out.glob(f".{name}.*.tmp*"):
+                stale.unlink(missing_ok=True)
         summary, table, written, passes, n_held = _make_soups(args, infos, rt, out, start)
         if args.overwrite:  # outputs of a past run that this one did not write
             for name in OUTPUTS:

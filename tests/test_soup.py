@@ -458,8 +458,10 @@ def test_second_soup_on_the_same_out_is_refused(ing, tmp_path, capsys):
     with soup.DirLock(out):  # another command holds --out (here: this process)
         err = _exit2(lambda: run_soup(ing, out, "--uniform"), capsys)
     assert "in use by another command" in err and not (out / "uniform_soup.pt").exists()
-    run_soup(ing, out, "--uniform")  # released: runs
-    assert (out / "uniform_soup.pt").exists()
+    out.mkdir()
+    (out / ".uniform_soup.pt.x1y2.tmp.pt").write_bytes(b"half")  # left by a killed soup
+    run_soup(ing, out, "--uniform")  # released: runs, and clears the dead temp file
+    assert (out / "uniform_soup.pt").exists() and not list(out.glob(".*tmp*"))
 
 
 def test_individual_rows_show_the_args_that_differ(ing):
