@@ -88,18 +88,18 @@ class SmallNet(nn.Module):
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch: recompute each block's activations in backward instead of storing
-        them (less memory, one more forward of the blocks)."""
+        """timm's switch: recompute the stem's and each block's activations in backward
+        instead of storing them (less memory, about one more forward)."""
         self.grad_checkpointing = bool(enable)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features, N x num_features."""
-        x = self.stem(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(_once_bn(block), x, use_reentrant=False)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for stage in (self.stem, *self.blocks):
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(_once_bn(stage), x, use_reentrant=False)
             else:
-                x = block(x)
+                x = stage(x)
         return x.amax(dim=(2, 3))  # global max pool, as airbench does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
