@@ -476,3 +476,26 @@ def test_resume_of_an_older_last_pt_checks_its_recorded_flags(tiny_idx, tmp_path
     assert "--lr 0.1 (was 0.05)" in err
     run(tiny_idx, tmp_path, "--epochs", "2", "--lr", "0.05", "--resume")
     assert [r["epoch"] for r in rows(tmp_path / "runs" / "r" / "metrics.jsonl")] == [1, 2]
+
+
+def test_sync_bn_under_torchrun_on_cpu_is_one_line_per_rank(tiny_idx, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py")]
+    cmd += ["--data", str(tiny_idx), "--out", str(tmp_path / "runs"), *BASE, "--epochs", "1"]
+    cmd += ["--device", "cpu", "--sync-bn"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and str(ROOT / "train.py") + '", line' not in r.stderr  # ours: none
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train.py: error: --sync-bn")]
+    assert lines and "CUDA" in lines[0], r.stderr[-2000:]  # torchrun may stop rank 1 first
+    assert not (tmp_path / "runs").exists()
