@@ -947,7 +947,7 @@ def run(args) -> dict:
     out = Path(args.out)
     with DirLock(out):
         for name in OUTPUTS:  # temp files of a killed soup (none can be live: we hold the lock)
-            for stale in out.glob(f".{name}.*.tmp*"):
+            for stale in out.glob(f".*{name}.*tmp*"):  # (a writer's own temp of it: "..NAME")
                 stale.unlink(missing_ok=True)
         summary, table, written, passes, n_held = _make_soups(args, infos, rt, out, start)
         if args.overwrite:  # outputs of a past run that this one did not write

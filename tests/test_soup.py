@@ -470,3 +470,26 @@ def test_individual_rows_show_the_args_that_differ(ing):
     b = base._replace(meta=replace(base.meta, args={**base.meta.args, "lr": 0.2, "name": "b"}))
     assert soup.varying_args([a, b]) == ["lr"]
     assert soup.individual_row(b, {"acc": 1.0}, ["lr"])["grid"] == {"lr": 0.2}
+
+
+def test_kill_during_overwrite_leaves_the_previous_soup(ing, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    run_soup(ing, out, "--uniform", "--greedy")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    argv = [sys.executable, str(Path(soup.__file__)), "--ingredients", *map(str, ing.paths)]
+    argv += ["--out", str(out), "--uniform", "--eval-individual", "--overwrite", "--quiet"]
+    argv += ["--threads", "1", "--cache-dir", str(ing.cache), "--eval-batch-size", "16"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and not list(out.glob(".*.tmp*")) and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # the new outputs are being staged: none committed yet
+    assert proc.wait() == -signal.SIGKILL
+    assert {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith(".")} == before
+    run_soup(ing, out, "--uniform", "--overwrite")  # the next run clears the dead temp files
+    assert not list(out.glob(".*")) and not (out / "greedy_soup.pt").exists()
