@@ -642,6 +642,8 @@ def _config_value(action: argparse.Action, v, where: str):
         if not isinstance(v, bool):
             raise UserError(f"{where}: {v!r} is not true or false; fix the value")
         return v  # the value of the flag's dest, as set_defaults takes it
+    if action.nargs == "?" and isinstance(v, bool) and action.const is not None:
+        return action.const if v else action.default  # "resume": true is a bare --resume
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     one_list = getattr(action.type, "is_list", False)  # list_of: one value holding a list
     if isinstance(v, (dict, bool)) or (isinstance(v, list) and not many and not one_list):

@@ -123,6 +123,7 @@ def _parser():
     p.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--scales", type=common.positive_float, nargs="+", default=[1.0])
+    p.add_argument("--resume", nargs="?", const="auto", default=None)
     return p
 
 
@@ -175,6 +176,10 @@ def test_config_values_go_through_the_flag_types(tmp_path):
     assert a.scales == [1.0, 0.5]
     a = common.parse_args(_parser(), ["--config", str(_config(tmp_path, {"overwrite": True}))])
     assert a.overwrite is True
+    a = common.parse_args(_parser(), ["--config", str(_config(tmp_path, {"resume": True}))])
+    assert a.resume == "auto"  # as a bare --resume
+    a = common.parse_args(_parser(), ["--config", str(_config(tmp_path, {"resume": "r/last.pt"}))])
+    assert a.resume == "r/last.pt"
 
 
 BAD_CONFIG = [

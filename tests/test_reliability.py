@@ -599,6 +599,23 @@ def prep_cases(ws: Workspace) -> dict[str, Case]:
     return {
         "prep-run": Case("train.py", args, code=0),
         "prep-cache": Case("data.py", ["--data", ws.idx_names], code=0),
+        "prep-letters": Case(
+            "synth.py",
+            [
+                "--mode",
+                "letters",
+                "--num-images",
+                "26",
+                "--num-test",
+                "26",
+                "--img-size",
+                "16",
+                "--output-dir",
+                ws.prep / "letters",
+                "--quiet",
+            ],
+            code=0,
+        ),  # fmt: skip
     }
 
 
@@ -800,6 +817,15 @@ def _full_synth(ws):
 
 
 # 4. Outputs never land on inputs ------------------------------------------------------------
+
+
+@needs_prep
+def _infer_out_onto_synth_test_labels(ws):
+    """The issue's example: `infer.py --out DATA/test/labels.csv` (synth.py's layout)."""
+    d = ws.dir("letters_onto")
+    shutil.copytree(ws.prep / "letters", d)
+    labels = d / "test" / "labels.csv"
+    return Case("infer.py", [ws.ckpt, "--data", d, "--out", labels], unchanged=[d])
 
 
 def _infer_out_onto_test_csv(ws):
@@ -1097,6 +1123,7 @@ NEW_CASES: list[tuple[str, Callable[[Workspace], Case], str]] = [
     ("full-disk-soup", _full_soup, "free space"),
     ("full-disk-synth", _full_synth, "free space"),
     ("infer-out-onto-test-csv", _infer_out_onto_test_csv, "--out"),
+    ("infer-out-onto-synth-test-labels", _infer_out_onto_synth_test_labels, "--out"),
     ("soup-ingredient-is-an-output", _soup_ingredient_is_an_output, "--ingredients"),
     ("vote-out-onto-input", _vote_out_onto_input, "--out"),
     ("vote-out-onto-labels", _vote_out_onto_labels, "--labels"),
