@@ -820,7 +820,7 @@ def _macro_f1_at(probs, labels, thresholds) -> float:
 def _print_summary(args, ckpts, views, ds, split, r, total) -> None:
     w = parse_weights(args.weights, len(ckpts))
     names = ", ".join(
-        f"{Path(m.path).parent.name}/{Path(m.path).name}" + (f" x{w[i]:g}" if w else "")
+        str(Path(*Path(m.path).parts[-2:])) + (f" x{w[i]:g}" if w else "")
         for i, m in enumerate(ckpts)
     )
     view_names = ", ".join(v.name for v in views[:8]) + (", ..." if len(views) > 8 else "")
