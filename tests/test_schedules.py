@@ -3,9 +3,12 @@ and the default recipe fits the data size (issue 16.2). Expected values are hand
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 
 import pytest
+import torch
 from conftest import make_patterns, write_idx
 
 import train
@@ -100,3 +103,53 @@ def test_plateau_one_and_two_epochs_end_at_peak(idx200, tmp_path):
     # warm-up (2 resp. 4 steps) is over before the end, and no plateau can be detected yet
     assert run_lrs(idx200, tmp_path, "plateau", 1)[-1] == pytest.approx(0.1)
     assert run_lrs(idx200, tmp_path, "plateau", 2)[-1] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------
+# Issue 16.2: the recipe for the flags not given
+
+
+def recipe(n_images: int, epochs: int = 3, **given):
+    a = argparse.Namespace(batch_size=None, lr=None, warmup_epochs=None, opt=None, epochs=epochs,
+                           accum_steps=1, sched="onecycle", amp="none")  # fmt: skip
+    vars(a).update(given)
+    return a, train.choose_recipe(a, n_images, 1, torch.device("cpu"))
+
+
+def test_recipe_small_data_gets_small_batches_adamw_and_short_warmup():
+    # 2,700 training letters: batch 32 gives 84 steps/epoch (64 would give 42 < 50); 3 epochs are
+    # 252 steps < 300, so AdamW, lr 2e-3 * sqrt(32/256) = 7.071e-4; warm-up 0.6 epoch = 50 steps
+    a, line = recipe(2700)
+    assert (a.batch_size, a.opt, a.lr, a.warmup_epochs) == (32, "adamw", 7.071e-4, 0.6)
+    assert "batch 32 (2700 images: 84 steps/epoch" in line and "warm-up 50 of 252 steps" in line
+    assert "amp none" in line
+
+
+def test_recipe_large_data_keeps_the_sgd_defaults():
+    # Fashion-MNIST: 54,000 images -> batch 256 (210 steps), 10 epochs = 2,100 steps: SGD at 0.2,
+    # warm-up 1 epoch (10% of the run)
+    a, _ = recipe(54000, epochs=10)
+    assert (a.batch_size, a.opt, a.lr, a.warmup_epochs) == (256, "sgd", 0.2, 1.0)
+    # run_all.sh's base: 9,000 images, 5 epochs: batch 128 (70 steps/epoch), 350 steps >= 300:
+    # SGD at 0.2 (batch >= 128), warm-up 1 epoch (20%): the recipe it was measured with
+    a, _ = recipe(9000, epochs=5)
+    assert (a.batch_size, a.opt, a.lr, a.warmup_epochs) == (128, "sgd", 0.2, 1.0)
+
+
+def test_recipe_explicit_flags_win():
+    a, line = recipe(2700, batch_size=64, opt="sgd")
+    # the batch and the optimizer as given; the lr follows the given batch: 0.2 * 64/128
+    assert (a.batch_size, a.opt, a.lr) == (64, "sgd", 0.1)
+    assert "batch 64 (--batch-size)" in line and "opt sgd (--opt)" in line
+    a, line = recipe(2700, lr=0.01, warmup_epochs=0.0)
+    assert a.opt == "sgd" and a.lr == 0.01 and a.warmup_epochs == 0.0  # --lr given: no switch
+    assert "(--lr)" in line and "warm-up 0 of" in line
+
+
+def test_recipe_printed_by_train_cli(idx200, tmp_path, capsys):
+    train.main(["--data", str(idx200), "--out", str(tmp_path), "--name", "auto", "--epochs", "1",
+                *FAST])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("recipe: batch 32 (180 images: 5 steps/epoch")
+    a = json.loads((tmp_path / "auto" / "args.json").read_text())
+    assert (a["batch_size"], a["opt"]) == (32, "adamw")
