@@ -263,7 +263,8 @@ if [ -z "$DATA" ]; then
 fi
 
 # --- 2. RotNet: rotation pre-training, per-block linear eval ------------------------------
-train rot --task rotation --epochs "$ROT_EPOCHS" --aug "$AUG"
+# --opt sgd: the optimizer the chain was measured with (the recipe picks adamw under 300 steps)
+train rot --task rotation --epochs "$ROT_EPOCHS" --aug "$AUG" --opt sgd
 stage linear_eval "$R/rot_linear/linear_eval.json" -- \
   "$PYTHON" "$ROOT/train.py" --data "$DATA" --linear-eval "$R/rot/best.pt" --out "$R" \
   --name rot_linear --linear-epochs "$LINEAR_EPOCHS" --random-seed "$SEED" "${common[@]}"
