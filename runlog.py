@@ -226,7 +226,7 @@ def _streams(t, first_epoch: int) -> list:
 
 def _warn(name: str, e: BaseException) -> None:
     hint = "; wandb login, or WANDB_MODE=offline to keep the run on disk" if name == "wandb" else ""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = str(e).strip().splitlines()[0].rstrip(". ") if str(e).strip() else type(e).__name__
     print(
         f"warning: --log {name}: {msg}{hint}; streaming off, summary.csv still written",
         file=sys.stderr,
