@@ -258,8 +258,9 @@ def _optimisation_flags(g) -> None:
 def _augmentation_flags(g) -> None:
     g.add_argument(
         "--aug",
-        default="flip,crop",
-        help="comma list: none,flip,vflip,crop,rot90,randaug,cutout",
+        default=None,
+        help="comma list: none,flip,vflip,crop,rot90,randaug,cutout; default flip,crop, or crop "
+        "for glyph data (synth.py letters/dirty, pixel CSVs: not mirror-invariant)",
     )
     g.add_argument("--pad", type=int_range(0, 256), default=2, help="crop: pad before the crop")
     g.add_argument("--mix", choices=["none", "cutmix", "mixup"], default="none")
@@ -1053,7 +1054,7 @@ def _prepare(args, hooks: FitHooks) -> Training:
     args.amp = rt.amp
     run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
     resume_from = run.check(args)
-    aug = data._aug_names(args.aug)  # unknown names: UserError now
+    aug = data._aug_names(args.aug) if args.aug is not None else None  # unknown: UserError now
     train_set, val_set, record = load_data(args)
     rotation = args.task == "rotation"
     multi_label = train_set.multi_label and not rotation
@@ -1062,9 +1063,10 @@ def _prepare(args, hooks: FitHooks) -> Training:
     mean, std = _normalisation(args, train_set, in_chans)
     loss_fn = _build_loss(args, multi_label)
     sample_idx = oversample_index(train_set.labels, args.oversample, train_set.classes)
-    recipe = choose_recipe(args, len(sample_idx), world, rt.device)
+    recipe = choose_recipe(args, len(sample_idx), world, rt.device, fmt=train_set.fmt)
     if rank == 0:
         print(recipe, flush=True)
+    aug = aug if aug is not None else data._aug_names(args.aug)
     steps_per_epoch = _steps_per_epoch(args, len(sample_idx), world)
     total = steps_per_epoch * args.epochs
     warmup = warmup_steps(args.warmup_epochs, steps_per_epoch, total, args.sched)
@@ -1158,8 +1160,13 @@ RECIPE_SGD_FULL_LR_BATCH = 128
 RECIPE_WARMUP_FRAC = 0.2
 
 
-def choose_recipe(args, n_samples: int, world: int, device: torch.device) -> str:
-    """Set --batch-size, --lr and --warmup-epochs where they were not given; the reasons."""
+# data formats of glyphs (letters, digits): a mirror flip changes the class (b/d, p/q)
+GLYPH_FORMATS = ("synth", "pixels-csv")
+
+
+def choose_recipe(args, n_samples: int, world: int, device: torch.device, fmt: str = "") -> str:
+    """Set --batch-size, --opt, --lr, --warmup-epochs and --aug where they were not given; the
+    reasons as one line."""
     per_batch = world * args.accum_steps
 
     def steps(b: int) -> int:
@@ -1206,9 +1213,15 @@ def choose_recipe(args, n_samples: int, world: int, device: torch.device) -> str
         why_a = "this CPU has AVX512-BF16/AMX" if has else "this CPU has no AVX512-BF16/AMX: fp32"
     else:
         why_a = device.type
+    why_aug = ""
+    if getattr(args, "aug", "") is None:
+        glyphs = fmt in GLYPH_FORMATS
+        args.aug = "crop" if glyphs else "flip,crop"
+        why = f"{fmt} data are glyphs, not mirror-invariant" if glyphs else "the default"
+        why_aug = f", aug {args.aug} (auto: {why})"
     return (
         f"recipe: batch {args.batch_size} ({why_b}), opt {args.opt} ({why_o}), lr {args.lr:g} "
-        f"({why_lr}), warm-up {w} of {total} steps ({why_w}), amp {args.amp} ({why_a})"
+        f"({why_lr}), warm-up {w} of {total} steps ({why_w}){why_aug}, amp {args.amp} ({why_a})"
     )
 
 
