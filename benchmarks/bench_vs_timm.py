@@ -687,7 +687,7 @@ def report(
         f"## bench_vs_timm: {Path(args.data).name}, budget {args.budget:.0f} s per side",
         "",
         f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: "
-        f"{cpu_description()}; torch threads {threads}; {mode}; ours at commit {code_version()}",
+        f"{cpu_description()}; torch threads {threads}; {mode}; ours at commit {args.code_version}",
         f"- load average (1/5/15 min) before {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
         f"after {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}",
         f"- data: {info.n_full} train ({info.n_train} + {info.n_val} held out for ours' "
@@ -789,6 +789,7 @@ def check_inputs(args) -> tuple[list[str], list[str]]:
 
 def run(args) -> str:
     extra_o, extra_t = check_inputs(args)
+    args.code_version = code_version()  # before the runs: what ours ran
     info, full, test = inspect_data(args.data)
     threads = max(1, args.threads // 2) if args.concurrent else args.threads
     tmp = tempfile.TemporaryDirectory(prefix="bench_vs_timm_") if not args.keep else None
