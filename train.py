@@ -1195,7 +1195,7 @@ def choose_recipe(args, n_samples: int, world: int, device: torch.device, fmt: s
             full = RECIPE_SGD_FULL_LR_BATCH
             ratio = min(1.0, effective / full)
             args.lr = default_lr(args.opt) * ratio
-            rule = f"x {effective}/{full}" if ratio < 1 else f"(batch >= {full})"
+            rule = f"x {effective}/{full}" if ratio < 1 else f"at batch >= {full}"
         else:
             args.lr, rule = default_lr(args.opt) * ratio**0.5, f"x sqrt({effective}/256)"
         args.lr = float(f"{args.lr:.4g}")
