@@ -643,6 +643,9 @@ def _run_default(main_fn, argv: list[str], what: str) -> None:
     try:
         main_fn(argv)
     except SystemExit as e:
+        if e.code == 130:  # Ctrl-C: the next run of the same command resumes from last.pt
+            print("finetune.py: interrupted; run the same command again to continue", flush=True)
+            raise
         if e.code not in (0, None):
             raise UserError(
                 f"making the default start failed ({what} {' '.join(argv)}); see above, or pass "
