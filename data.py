@@ -1370,6 +1370,12 @@ MASK_CLASSES = [
     for g in ("male", "female")
     for a in ("lt30", "30to59", "ge60")
 ]
+# The three heads of the mask competition's multi-head model, in the order of the 18-class index.
+MASK_HEADS = {
+    "mask": ["wear", "incorrect", "not_worn"],
+    "gender": ["male", "female"],
+    "age": ["lt30", "30to59", "ge60"],
+}
 _MASK_PERSON = re.compile(
     r"^(?P<id>[^_]+)_(?P<gender>male|female)_(?P<race>.+)_(?P<age>\d+)$", re.I
 )

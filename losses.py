@@ -313,3 +313,41 @@ def build_loss(name: str, **kw) -> nn.Module:
             f"loss '{key}' does not take {unknown}; it accepts: {', '.join(allowed) or 'nothing'}"
         )
     return _BUILDERS[key](**kw)
+
+
+class MultiHeadLoss(nn.Module):
+    """Sum of one loss per head of a multi-head model (models.MultiHead).
+
+    `loss(joint, target)`: `joint` is the model's N x prod(sizes) joint log-probs and `target`
+    the joint class index (mask: mask * 6 + gender * 3 + age); each head's loss gets that head's
+    log-probs (the marginal of the joint, equal to its log_softmax, so a valid logit input for
+    every loss here) and its own class index (the row-major digits of the target).
+    """
+
+    def __init__(self, head_losses: Sequence[nn.Module], sizes: Sequence[int]):
+        super().__init__()
+        if len(head_losses) != len(sizes):
+            raise ValueError(f"{len(head_losses)} losses for {len(sizes)} heads")
+        self.losses = nn.ModuleList(head_losses)
+        self.sizes = tuple(int(k) for k in sizes)
+
+    def split_target(self, target: torch.Tensor) -> list[torch.Tensor]:
+        """Per-head class indices of joint indices (row-major digits over `sizes`)."""
+        out, rest = [], target.long()
+        for k in reversed(self.sizes):
+            out.append(rest % k)
+            rest = rest // k
+        return out[::-1]
+
+    def forward(self, joint: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import models  # lazy: losses.py stays importable without the model code
+
+        if target.ndim != 1:
+            raise ValueError("multi-head losses take class indices (no mixup/cutmix soft targets)")
+        parts = [
+            fn(lp, t)
+            for fn, lp, t in zip(
+                self.losses, models.head_marginals(joint, self.sizes), self.split_target(target)
+            )
+        ]
+        return torch.stack(parts).sum()

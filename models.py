@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import pickle
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -251,8 +252,12 @@ def create_model(
     model_kwargs: dict | None = None,
     check_size: bool = True,
     grad_checkpointing: bool = False,
+    heads: Sequence[int] | None = None,
 ) -> nn.Module:
     """Build a built-in or timm model; UserError for unknown names or unusable image sizes.
+
+    `heads` (class counts, e.g. (3, 2, 3)): a MultiHead model, the backbone's classifier with
+    sum(heads) outputs split per head; `num_classes` is then the product (the joint classes).
 
     `model_kwargs` go to the constructor (e.g. {"widths": [32, 64, 128]} for smallnet); store them
     in the checkpoint as "model_kwargs" so `load_model` can rebuild the same network.
@@ -261,6 +266,14 @@ def create_model(
     """
     model_kwargs = dict(model_kwargs or {})
     size = size2(img_size) if img_size is not None else None
+    if heads:
+        heads = tuple(int(h) for h in heads)
+        if math.prod(heads) != num_classes:
+            raise ValueError(
+                f"create_model: heads {heads} give {math.prod(heads)} joint classes, "
+                f"not num_classes={num_classes}"
+            )
+        num_classes = sum(heads)
     if arch in BUILTINS:
         if pretrained:
             raise UserError(
@@ -281,11 +294,77 @@ def create_model(
         model = _create_timm(
             arch, num_classes, in_chans, size, pretrained, drop_rate, drop_path_rate, model_kwargs
         )
+    if heads:
+        model = MultiHead(model, heads)
     if check_size and size is not None:
         _check_size(model, arch, in_chans, size)
     if grad_checkpointing:
         set_grad_checkpointing(model, arch)
     return model
+
+
+class MultiHead(nn.Module):
+    """Several classifier heads on one backbone (the mask competition's mask/gender/age model).
+
+    `net` is any backbone (SmallNet, timm) whose classifier has sum(sizes) outputs, split in
+    order into one logit block per head. forward() returns the joint log-probabilities of the
+    heads taken as independent, N x prod(sizes): log p1(i) + log p2(j) + ... at the row-major
+    index (i, j, ...) (for sizes 3/2/3: mask * 6 + gender * 3 + age). Every caller that
+    softmaxes model outputs (train.predict, TTA, soups, ensembles) so gets the product of the
+    heads' softmaxes, and its argmax is each head's argmax combined. `head_logits(x)` gives
+    the raw per-head logits; `marginals(out)` recovers each head's log-probs from forward's
+    output (exactly: the joint is a product), which is what the per-head losses train on.
+    """
+
+    def __init__(self, net: nn.Module, sizes: Sequence[int]):
+        super().__init__()
+        self.net = net
+        self.sizes = tuple(int(k) for k in sizes)
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            raise ValueError(f"MultiHead: need >= 2 heads of >= 1 class each, got {self.sizes}")
+
+    def head_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.net(x).split(self.sizes, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return joint_log_probs(self.head_logits(x))
+
+    def marginals(self, joint: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return head_marginals(joint, self.sizes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        fn = getattr(self.net, "set_grad_checkpointing", None)
+        if fn is None:
+            raise NotImplementedError("its backbone has no set_grad_checkpointing")
+        fn(enable)
+
+
+def joint_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """N x prod(K_h) joint log-probs of independent heads (N x K_h logits each), row-major:
+    column (i * K2 + j) * K3 + k = log_softmax(h1)[i] + log_softmax(h2)[j] + log_softmax(h3)[k]."""
+    out = None
+    for z in logits:
+        lp = torch.log_softmax(z.float(), 1)
+        out = lp if out is None else (out[:, :, None] + lp[:, None, :]).flatten(1)
+    return out
+
+
+def head_marginals(joint: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Each head's log-probs (N x K_h) from N x prod(sizes) joint log-probs (logsumexp over the
+    other heads); for a joint made by joint_log_probs this is each head's log_softmax."""
+    sizes = tuple(sizes)
+    j = joint.float().reshape(len(joint), *sizes)
+    dims = range(1, len(sizes) + 1)
+    return tuple(j.logsumexp([d for d in dims if d != h]) for h in dims)
+
+
+def head_sizes(model: nn.Module) -> tuple[int, ...] | None:
+    """The head class counts of a MultiHead model (through DDP/compile wrappers), else None."""
+    m = unwrap(model)
+    return m.sizes if isinstance(m, MultiHead) else None
 
 
 def set_grad_checkpointing(model: nn.Module, arch: str = "") -> None:
@@ -411,6 +490,8 @@ def capture_embedding(model: nn.Module) -> Iterator[dict]:
 def head_names(model: nn.Module) -> list[str]:
     """state_dict key prefixes of the classifier, e.g. ["head."] or ["fc."]."""
     model = unwrap(model)
+    if isinstance(model, MultiHead):
+        return ["net." + h for h in head_names(model.net)]
     if isinstance(model, SmallNet):
         return ["head."]
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -812,6 +893,7 @@ def model_from_checkpoint(ckpt: dict | CheckpointMeta, state_dict: dict | None =
         img_size=meta.img_size,
         model_kwargs=meta.model_kwargs,
         check_size=False,  # it trained at this size
+        heads=[len(c) for c in meta.heads.values()] if meta.heads else None,
     )
     load_weights(model, state_dict, source=f"checkpoint of {meta.arch}")
     return model

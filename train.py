@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p.add_argument_group("model"))
     _optimisation_flags(p.add_argument_group("optimisation"))
     _augmentation_flags(p.add_argument_group("augmentation"))
+    _head_flags(p.add_argument_group("multi-head (mask layout)"))
     g = models.add_runtime_flags(p)
     g.add_argument("--sync-bn", action="store_true", help="DDP on CUDA: synchronise BatchNorm")
 
@@ -268,9 +269,139 @@ def _augmentation_flags(g) -> None:
     g.add_argument("--mix-prob", type=probability, default=0.5, help="fraction of batches mixed")
 
 
+# Losses a head can take: they train on one class index per image.
+HEAD_LOSSES = ("ce", "label-smoothing", "focal", "f1")
+
+
+def _head_flags(g) -> None:
+    g.add_argument(
+        "--heads",
+        type=list_of(str),
+        default=None,
+        metavar="mask,gender,age",
+        help="mask-format data only: one backbone with three classifier heads (3/2/3 classes: one "
+        "Linear of 8 outputs split 3/2/3), trained on the sum of the heads' losses; the 18-class "
+        "prediction is the product of the heads' softmaxes (ans = mask*6 + gender*3 + age). "
+        "val_acc (and so best.pt) is the combined 18-class accuracy, val_f1 its macro-F1; each "
+        "head's accuracy and macro-F1 are logged too",
+    )
+    g.add_argument(
+        "--head-losses",
+        type=list_of(str),
+        default=None,
+        metavar="L1,L2,L3",
+        help=f"with --heads: one loss per head, in --heads order ({'|'.join(HEAD_LOSSES)}), e.g. "
+        "ce,ce,focal; default: --loss for every head",
+    )
+
+
+def _check_head_flags(args) -> None:
+    """--heads / --head-losses on their own and against other flags (no data needed)."""
+    heads, names = getattr(args, "heads", None), getattr(args, "head_losses", None)
+    if not heads:
+        if names:
+            raise UserError("--head-losses: only with --heads mask,gender,age; add it or drop it")
+        return
+    known = list(data.MASK_HEADS)
+    bad = [h for h in heads if h not in known]
+    if bad:
+        raise UserError(f"--heads: unknown head '{bad[0]}'; the mask heads are {','.join(known)}")
+    if list(heads) != known:
+        raise UserError(
+            f"--heads {','.join(heads)}: the heads are all three, in the order of the 18-class "
+            "index (mask*6 + gender*3 + age); use --heads mask,gender,age"
+        )
+    if names is not None and len(names) != len(heads):
+        raise UserError(
+            f"--head-losses {','.join(names)}: {len(names)} losses for {len(heads)} heads; "
+            "give one per head, e.g. ce,ce,focal"
+        )
+    if names and args.loss != "auto":
+        raise UserError(
+            "--loss and --head-losses cannot be used together; with --heads, --head-losses sets "
+            "each head's loss (--loss alone sets all three)"
+        )
+    flag = "--head-losses" if names else "--loss"
+    for name in names or [args.loss]:
+        if name == "auto":
+            continue
+        try:
+            key = losses.loss_name(name)
+        except ValueError as e:
+            raise UserError(f"{flag} {name}: {e}") from None
+        if key not in HEAD_LOSSES:
+            raise UserError(
+                f"{flag} {name}: a head trains on one class index per image, '{key}' does not; "
+                f"use {', '.join(HEAD_LOSSES)}"
+            )
+    if args.task == "rotation":
+        raise UserError("--heads: classifies the mask labels, not with --task rotation; drop one")
+    if args.mix != "none":
+        raise UserError(
+            f"--heads with --mix {args.mix}: mixed soft targets are not split per head; drop --mix"
+        )
+
+
+def _check_heads_data(args) -> None:
+    """--heads needs mask-format data: checked from the path before anything is decoded."""
+    if not getattr(args, "heads", None) or not args.data:
+        return
+    fmt = args.data_format
+    if not fmt:
+        try:
+            fmt = data.detect_format(args.data)
+        except UserError:
+            return  # load_data reports the path itself
+    if fmt != "mask":
+        raise UserError(
+            f"--heads: {args.data} is {fmt}-format data; the heads split the mask layout's 18 "
+            "classes (train/images/<id>_<gender>_<race>_<age>/); use mask data or drop --heads"
+        )
+
+
+def _head_sizes(args) -> list[int] | None:
+    heads = getattr(args, "heads", None)
+    return [len(data.MASK_HEADS[h]) for h in heads] if heads else None
+
+
+def _head_loss(args, train_set: data.ImageSet) -> losses.MultiHeadLoss:
+    """The sum of the heads' losses (--head-losses, default --loss for each head)."""
+    if train_set.fmt != "mask" or list(train_set.classes) != list(data.MASK_CLASSES):
+        raise UserError(
+            f"--heads: {args.data} is not mask-format data with its 18 classes; drop --heads"
+        )
+    fns = []
+    for name in args.head_losses or [args.loss] * len(args.heads):
+        if name == "auto":
+            name = "label-smoothing" if args.smoothing > 0 else "ce"
+        key = losses.loss_name(name)
+        kw = {"smoothing": args.smoothing} if key == "label-smoothing" else {}
+        fns.append(losses.build_loss(key, **kw))
+    return losses.MultiHeadLoss(fns, _head_sizes(args))
+
+
+def head_metrics(t: np.ndarray, pred: np.ndarray, heads: dict) -> dict:
+    """Each head's accuracy and macro-F1 from joint (e.g. 18-class) true and predicted indices
+    (their row-major digits: mask = i // 6, gender = i // 3 % 2, age = i % 3)."""
+    sizes = [len(c) for c in heads.values()]
+    td, pd_ = np.unravel_index(t, sizes), np.unravel_index(pred, sizes)
+    out = {}
+    for name, k, a, b in zip(heads, sizes, td, pd_):
+        out[f"{name}_acc"] = accuracy(a, b)
+        out[f"{name}_f1"] = macro_f1(a, b, k)
+    return out
+
+
+def _heads_text(row: dict, heads: dict | None, prefix: str = "val_") -> str:
+    return "".join(
+        f"  {h} {row[f'{prefix}{h}_acc']:.3f}/{row[f'{prefix}{h}_f1']:.3f}" for h in heads or {}
+    )
+
+
 def check_flags(args) -> None:
     """Combinations the flag types cannot see; UserError naming the flags."""
     runlog.check_flags(args)  # --log packages installed, --checkpoint-metric possible
+    _check_head_flags(args)
     refuse_together(
         args,
         ("--eval-only", "--linear-eval"),
@@ -599,7 +730,11 @@ def predict(
 
 
 def metrics_from_probs(
-    probs: torch.Tensor, labels: torch.Tensor, multi_label: bool, threshold: float = 0.5
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    multi_label: bool,
+    threshold: float = 0.5,
+    heads: dict | None = None,
 ) -> dict:
     """Loss (torch) and the common.py metrics: accuracy (exact match for multi-label) and
     macro-F1, or per-label accuracy for multi-label."""
@@ -620,6 +755,8 @@ def metrics_from_probs(
     out = {"loss": loss, "acc": accuracy(t, pred), "f1": macro_f1(t, pred, probs.shape[1])}
     if probs.shape[1] > 5:  # top-5 has a meaning only above 5 classes (summary.csv eval_top5)
         out["top5"] = (probs.topk(5, dim=1).indices == y[:, None]).any(1).double().mean().item()
+    if heads:  # a multi-head model: each head's accuracy and macro-F1 too
+        out.update(head_metrics(t, pred, heads))
     return out
 
 
@@ -631,9 +768,11 @@ def evaluate(
     std,
     multi_label: bool = False,
     task: str = "classify",
+    heads: dict | None = None,
     **kw,
 ) -> dict:
-    """Metrics of a model on uint8 images (rotation task: rotation accuracy)."""
+    """Metrics of a model on uint8 images (rotation task: rotation accuracy); `heads` (a
+    checkpoint's head name -> classes) adds each head's accuracy and macro-F1."""
     if len(images) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     if task == "rotation":
@@ -642,7 +781,7 @@ def evaluate(
         )
         return metrics_from_probs(probs.reshape(-1, 4), torch.arange(4).repeat(len(images)), False)
     probs = predict(model, images, mean, std, multi_label=multi_label, **kw)
-    return metrics_from_probs(probs, labels, multi_label)
+    return metrics_from_probs(probs, labels, multi_label, heads=heads)
 
 
 def evaluate_checkpoint(
@@ -657,6 +796,7 @@ def evaluate_checkpoint(
         ck["std"],
         ck["multi_label"],
         ck.get("task", "classify"),
+        heads=ck.get("heads"),
         **kw,
     )
 
@@ -726,6 +866,7 @@ def build_model(args, num_classes: int, in_chans: int, img_size) -> nn.Module:
         drop_rate=args.drop,
         drop_path_rate=args.drop_path,
         grad_checkpointing=getattr(args, "grad_checkpointing", False),
+        heads=_head_sizes(args),  # --heads: models.MultiHead, joint 18-class log-probs out
     )
     if args.weights:
         sd = models.load_state_dict_file(args.weights)
@@ -1055,6 +1196,7 @@ def _prepare(args, hooks: FitHooks) -> Training:
     run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
     resume_from = run.check(args)
     aug = data._aug_names(args.aug) if args.aug is not None else None  # unknown: UserError now
+    _check_heads_data(args)
     train_set, val_set, record = load_data(args)
     rotation = args.task == "rotation"
     multi_label = train_set.multi_label and not rotation
@@ -1062,6 +1204,8 @@ def _prepare(args, hooks: FitHooks) -> Training:
     in_chans, img_hw = train_set.images.shape[1], list(train_set.images.shape[2:])
     mean, std = _normalisation(args, train_set, in_chans)
     loss_fn = _build_loss(args, multi_label)
+    if getattr(args, "heads", None):
+        loss_fn = _head_loss(args, train_set)
     sample_idx = oversample_index(train_set.labels, args.oversample, train_set.classes)
     recipe = choose_recipe(args, len(sample_idx), world, rt.device, fmt=train_set.fmt)
     if rank == 0:
@@ -1087,6 +1231,8 @@ def _prepare(args, hooks: FitHooks) -> Training:
         "args": args_record,
         "task": args.task,
     }
+    if getattr(args, "heads", None):
+        meta["heads"] = {h: list(data.MASK_HEADS[h]) for h in args.heads}
     model.to(rt.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -1459,6 +1605,7 @@ def _end_epoch(t: Training, epoch: int) -> dict:
     """Evaluate, log a metrics row, save best.pt / best_ema.pt, print the epoch line."""
     args, state, val, part = t.args, t.state, t.val_set, t.state.partial
     kw = dict(multi_label=t.multi_label, task=args.task, **t.rt.predict_kw())
+    kw["heads"] = t.meta.get("heads")
     m = evaluate(t.model, val.images, val.labels, t.meta["mean"], t.meta["std"], **kw)
     row = {
         "epoch": epoch + 1,
@@ -1489,6 +1636,7 @@ def _end_epoch(t: Training, epoch: int) -> dict:
         t.run.save_best("best_ema.pt", t.ema.module, t.meta, {**row, "val_acc": row["ema_val_acc"]})
     extra = f"  ema {row['ema_val_acc']:.4f}" if t.ema is not None else ""
     f1 = f"  f1 {row['val_f1']:.4f}" if "val_f1" in row else ""
+    f1 += _heads_text(row, t.meta.get("heads"))  # --heads: "  mask acc/f1  gender ..."
     print(
         f"epoch {epoch + 1:3d}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
         f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}{f1}{extra}  "
@@ -1550,6 +1698,12 @@ def _finish(t: Training) -> dict:
     summary.update(extra or {})
     write_json(t.run.path / "summary.json", summary)
     table = [["best val acc", summary["best_val_acc"]]]
+    best = next((r for r in rows if r.get("val_acc") == summary["best_val_acc"]), None)
+    if t.meta.get("heads") and best is not None:  # the best.pt epoch, head by head
+        table.append(["best val 18-class macro-F1", best["val_f1"]])
+        for h in t.meta["heads"]:
+            table.append([f"  {h} head acc / macro-F1", f"{best[f'val_{h}_acc']:.4f} / "
+                          f"{best[f'val_{h}_f1']:.4f}"])  # fmt: skip
     if t.ema is not None:
         table.append(["best EMA val acc", summary["best_ema_val_acc"]])
     for k in ("test_acc", "ema_test_acc"):
