@@ -609,7 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default="submission.csv", help="submission CSV")
     g.add_argument(
-        "--return-probs", action="store_true", help="also write probabilities beside --out"
+        "--return-probs",
+        action="store_true",
+        help="also write probabilities beside --out; a 3-head model (train.py --heads): the "
+        "18-class probabilities, the product of the heads' softmaxes (ans = their argmaxes "
+        "combined, mask*6 + gender*3 + age)",
     )
     g.add_argument("--probs-format", choices=["npy", "csv"], default="npy")
     g.add_argument(
