@@ -850,7 +850,9 @@ def open_storage(optuna, url: str, heartbeat: int | None = None):
                     return optuna.storages.RDBStorage(url, failed_trial_callback=retry, **kw)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
                 # workers creating one new database at once race on its tables: try again
-                transient = isinstance(e, sqlalchemy.exc.IntegrityError) or "locked" in str(e)
+                transient = isinstance(e, sqlalchemy.exc.IntegrityError) or any(
+                    w in str(e) for w in ("locked", "already exists")
+                )
                 if not transient or attempt == 5:
                     raise
                 time.sleep(0.5 * (attempt + 1))
