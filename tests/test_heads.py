@@ -180,3 +180,19 @@ def test_heads_on_non_mask_data(tmp_path, capsys):
     d = tmp_path / "idx"
     write_idx(d, "train", x, y)
     _refused(capsys, _train_args(d, tmp_path / "runs", *HEADS), "idx-format data", tmp_path)
+
+
+def test_bench_heads_drawn_set_is_mask_layout(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_heads
+
+    root = bench_heads.make_set(tmp_path / "m", people=6, seed=1)
+    ds = data.load_images(root)
+    assert ds.fmt == "mask" and len(ds) == 42 and ds.images.shape[1:] == (3, 32, 32)
+    for i, label in zip(ds.ids, ds.labels.tolist()):
+        _, gender, _, age = i.split("/")[0].split("_")
+        kind = i.split("/")[1]
+        assert label == data.mask_label(kind, gender, int(age)), i
