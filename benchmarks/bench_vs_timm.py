@@ -287,6 +287,7 @@ def ours_command(
     return [
         sys.executable, str(ROOT / "train.py"), "--data", data_path, "--eval-test",
         "--epochs", str(epochs), "--out", str(out), "--name", name, "--threads", str(threads),
+        "--checkpoint-hist", str(epochs),  # every epoch's weights kept as epoch_N.pt
         *extra,
     ]  # fmt: skip
 
@@ -561,22 +562,20 @@ def ours_test_timeline(side: Side, data_path: str, test) -> tuple[dict, dict]:
     kw = dict(batch_size=1024, device="cpu", amp=targs.get("amp", "none"), channels_last=True,
               quiet=True)  # fmt: skip
     out = {}
-    for snap in side.snaps:
+    for snap in side.snaps:  # EMA weights: only last.pt has them (snapshots caught by polling)
         ck = models.load_checkpoint(snap)
         st = ck.get("train_state", {})
-        if st.get("batch", 0) != 0:  # saved by an interrupt mid-epoch
-            continue
-        model = models.model_from_checkpoint(ck).eval()
-        accs = {
-            "model": train.evaluate_checkpoint(model, ck, test.images, test.labels, **kw)["acc"]
-        }
-        if "ema_state_dict" in ck:
+        if st.get("batch", 0) == 0 and "ema_state_dict" in ck:  # not saved mid-epoch
+            model = models.model_from_checkpoint(ck).eval()
             model.load_state_dict(ck["ema_state_dict"])
-            accs["ema"] = train.evaluate_checkpoint(model, ck, test.images, test.labels, **kw)[
-                "acc"
-            ]
-        out[int(st["epoch"])] = accs
+            acc = train.evaluate_checkpoint(model, ck, test.images, test.labels, **kw)["acc"]
+            out.setdefault(int(st["epoch"]), {})["ema"] = acc
         snap.unlink()
+    for path in sorted(side.run_dir.glob("epoch_*.pt")):  # every epoch, from --checkpoint-hist
+        model, ck = models.load_model(path)
+        epoch = int(path.stem.split("_")[1])
+        acc = train.evaluate_checkpoint(model.eval(), ck, test.images, test.labels, **kw)["acc"]
+        out.setdefault(epoch, {})["model"] = acc
     return out, targs
 
 
