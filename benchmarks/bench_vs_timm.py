@@ -745,7 +745,7 @@ def report(
         )
     lines.append(
         "Test accuracy per epoch: timm's eval_top1 (its validation split is the test part); ours: "
-        f"the {'EMA ' if fam == 'ema' else ''}weights at the end of each epoch (last.pt) "
+        f"the {'EMA ' if fam == 'ema' else ''}weights at the end of each epoch (epoch_N.pt of --checkpoint-hist; EMA from last.pt) "
         "evaluated on the test part after the run; final: train.py's --eval-test (best.pt / "
         "best_ema.pt, chosen on validation)."
     )
