@@ -2324,9 +2324,16 @@ def mix_batch(
     return x, y
 
 
-def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RotNet batch: x rotated by 0, 90, 180, 270 degrees (4N, grouped by k) and labels k."""
+def rotate_batch(
+    x: torch.Tensor, gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RotNet batch and labels k. Without `gen`: x rotated by 0, 90, 180, 270 degrees (4N,
+    grouped by k; Gidaris et al. 2018). With `gen`: each image turned by one k drawn from it
+    (N images: the forward cost of a supervised batch)."""
     _need_square(x, "rotation")
+    if gen is not None:
+        k = torch.randint(0, 4, (len(x),), generator=gen)
+        return rot90(x, k), k.to(x.device)
     xs = [rot90(x, k) for k in range(4)]
     y = torch.arange(4, device=x.device).repeat_interleave(len(x))
     return torch.cat(xs), y

@@ -21,7 +21,7 @@ if [ "$FAST" = 1 ]; then
   d_lpc=5 d_n=2 d_linear_epochs=5 d_batch= d_dirty_images=300 d_dirty_test=100
   d_dirty_img=24 d_dirty_epochs=1 d_ft_epochs=1
 else
-  d_run=default d_images=10000 d_test=2000 d_img=28 d_epochs=5 d_rot_epochs=4 d_few_epochs=30
+  d_run=default d_images=10000 d_test=2000 d_img=28 d_epochs=5 d_rot_epochs=8 d_few_epochs=30
   d_lpc=10 d_n=4 d_linear_epochs=30 d_batch= d_dirty_images=4000 d_dirty_test=500
   d_dirty_img=41 d_dirty_epochs=20 d_ft_epochs=
 fi

@@ -185,6 +185,14 @@ def _model_flags(g) -> None:
     g.add_argument("--model", default="smallnet", help="built-in (smallnet*) or any timm name")
     g.add_argument("--task", choices=["classify", "rotation"], default="classify")
     g.add_argument(
+        "--rotations",
+        choices=["all", "one"],
+        default=None,
+        help="--task rotation: one (the default) = each image at one random rotation (a "
+        "supervised step's cost per image); all = each image at all four (a 4x batch, as "
+        "Gidaris et al.)",
+    )
+    g.add_argument(
         "--weights", default=None, help="start from a checkpoint/state dict/.safetensors"
     )
     g.add_argument(
@@ -417,6 +425,8 @@ def check_flags(args) -> None:
         raise UserError(
             f"--fold {args.fold}: must be in 0..{args.kfold - 1} for --kfold {args.kfold}"
         )
+    if args.rotations is not None and args.task != "rotation":
+        raise UserError(f"--rotations {args.rotations}: only for --task rotation; drop it")
     if args.eval_test and args.task == "rotation" and not (args.eval_only or args.linear_eval):
         raise UserError("--eval-test: a --task rotation run has no test accuracy; drop one of them")
     if args.nonlinear and not args.linear_eval:
@@ -1034,7 +1044,7 @@ class RunDir:
 
 # args that shape the trajectory of a run (flag = key with "-" for "_")
 RESUME_KEYS = (
-    "model", "task", "opt", "amp", "batch_size", "accum_steps", "lr", "momentum",
+    "model", "task", "rotations", "opt", "amp", "batch_size", "accum_steps", "lr", "momentum",
     "weight_decay", "sched", "min_lr_ratio", "milestones", "gamma", "epochs",
     "clip_grad", "ema", "loss", "smoothing", "aug", "pad", "mix", "mix_alpha", "mix_prob",
     "drop", "drop_path", "random_seed", "labels_per_class", "oversample", "img_size", "in_chans",
@@ -1555,7 +1565,7 @@ def _train_step(t: Training, x_u8: torch.Tensor, y: torch.Tensor, b: int) -> flo
     if t.aug:
         x = data.augment_batch(x, t.aug, t.aug_gen, pad=args.pad)
     if args.task == "rotation":
-        x, y = data.rotate_batch(x)
+        x, y = data.rotate_batch(x, None if args.rotations == "all" else t.aug_gen)
         y = y.to(t.rt.device)
     elif args.mix != "none" and torch.rand((), generator=t.aug_gen).item() < args.mix_prob:
         y_soft = y.float() if t.multi_label else F.one_hot(y, t.meta["num_classes"]).float()

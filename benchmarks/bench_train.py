@@ -8,10 +8,10 @@ Same model, batch size, optimizer, AMP setting and CPU threads for all three, me
   (c) a tight loop over pre-made tensors with no augmentation (the limit).
 Prints images/s and the ratios a/b and a/c for timm resnet18 and the default smallnet.
 
---mode rotation (also part of --mode all): RotNet (`--task rotation`, every input image goes
-through the net 4 times, once per rotation) next to supervised training with train.fit, as
-images/s per input image and per forward image, plus supervised training at 4x the batch (the
-same forward batch as RotNet) to separate the cost of a bigger batch from the rotation path.
+--mode rotation (also part of --mode all): RotNet with train.fit next to supervised training
+at the same batch size, in input images/s: `--rotations one` (the default: each image at one
+random rotation, so a step costs what a supervised one does) and `--rotations all` (each image
+at all four, a 4x forward batch; its forward images/s = 4x its input images/s).
 --mode rotation-steps (also in rotation and all): the same three at the level of one training
 step on random 28x28 images, per forward image, with rotate_batch's share of the step time.
 """
@@ -46,6 +46,7 @@ def ours(
     threads: int,
     task: str = "classify",
     epochs: int = 1,
+    rotations: str = "one",
 ) -> float:
     """images/s (input images) of train.fit's last epoch, its own metric (2 epochs: the first
     warms up kernels)."""
@@ -60,6 +61,7 @@ def ours(
                 str(epochs),
                 "--task",
                 task,
+                *(["--rotations", rotations] if task == "rotation" else []),
                 "--batch-size",
                 str(bs),
                 "--labels-per-class",
@@ -162,24 +164,25 @@ def bare(images, labels, mean, std, arch, bs, amp, threads) -> float:
 
 
 def rotation_rows(a, amp: str) -> list[list]:
-    """Supervised vs RotNet images/s of train.fit, per input and per forward image."""
+    """Supervised vs RotNet (--rotations one and all) input images/s of train.fit."""
     rows = []
     for arch in a.models.split(","):
         n = a.images if arch.startswith("smallnet") else a.images // 4
-        sup = sup4 = rot = 0.0
+        sup = one = every = 0.0
+
+        def run(arch=arch, n=n, **kw) -> float:
+            return ours(a.data, arch, n, a.batch_size, amp, a.threads, epochs=2, **kw)
+
         for _ in range(a.repeats):  # interleaved, best of --repeats
-            sup = max(sup, ours(a.data, arch, n, a.batch_size, amp, a.threads, epochs=2))
-            rot = max(
-                rot, ours(a.data, arch, n, a.batch_size, amp, a.threads, "rotation", epochs=2)
-            )
-            sup4 = max(sup4, ours(a.data, arch, n, 4 * a.batch_size, amp, a.threads, epochs=2))
+            sup = max(sup, run())
+            one = max(one, run(task="rotation", rotations="one"))
+            every = max(every, run(task="rotation", rotations="all"))
         rows.append(
-            [arch, round(sup), round(sup4), round(rot), round(4 * rot), f"{4 * rot / sup:.2f}",
-             f"{4 * rot / sup4:.2f}"]
+            [arch, round(sup), round(one), f"{one / sup:.2f}", round(every), round(4 * every),
+             f"{every / sup:.2f}"]
         )  # fmt: skip
         print(
-            f"{arch}: supervised {sup:.0f}, x4 batch {sup4:.0f}, rotation {rot:.0f} in/s",
-            flush=True,
+            f"{arch}: supervised {sup:.0f}, RotNet one {one:.0f}, all {every:.0f} in/s", flush=True
         )
     return rows
 
@@ -238,12 +241,12 @@ STEP_HEADER = [
 
 ROT_HEADER = [
     "model",
-    "supervised img/s (batch B)",
-    "supervised img/s (batch 4B)",
-    "RotNet input img/s (batch B)",
-    "RotNet forward img/s (4B)",
-    "RotNet fwd / sup",
-    "RotNet fwd / sup 4B",
+    "supervised img/s",
+    "RotNet one img/s",
+    "one / sup",
+    "RotNet all input img/s",
+    "all forward img/s (4x)",
+    "all input / sup",
 ]
 
 
@@ -295,7 +298,7 @@ def main() -> None:
     if rows:
         print(format_table(rows, ["model", "a: ours", "b: per-sample", "c: bare", "a/b", "a/c"]))
     if rot:
-        print("\ntrain.fit, whole epochs (input images/s; RotNet forwards 4 per input):")
+        print("\ntrain.fit, whole epochs, input images/s (RotNet all forwards 4 per input):")
         print(format_table(rot, ROT_HEADER))
     if steps:
         print("\none training step, per forward image (rotate_batch timed on its own):")

@@ -263,8 +263,11 @@ def test_bench_train_rotation_images_per_s(tiny_idx):
     import bench_train
 
     sup = bench_train.ours(str(tiny_idx), "smallnet_s", 120, 32, "none", 1, epochs=1)
-    rot = bench_train.ours(str(tiny_idx), "smallnet_s", 120, 32, "none", 1, "rotation", epochs=1)
-    assert sup > 0 and rot > 0
+    one = bench_train.ours(str(tiny_idx), "smallnet_s", 120, 32, "none", 1, "rotation", epochs=1)
+    every = bench_train.ours(
+        str(tiny_idx), "smallnet_s", 120, 32, "none", 1, "rotation", epochs=1, rotations="all"
+    )
+    assert sup > 0 and one > 0 and every > 0
 
 
 def test_bench_train_rotation_step_rates():

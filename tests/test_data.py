@@ -508,6 +508,17 @@ def test_rotate_batch():
     assert y.dtype == torch.int64
 
 
+def test_rotate_batch_one_rotation_per_image():
+    x = batch(16)
+    xr, y = data.rotate_batch(x, torch.Generator().manual_seed(0))
+    assert xr.shape == x.shape and y.dtype == torch.int64  # the supervised batch size
+    for i in range(16):
+        assert torch.equal(xr[i], torch.rot90(x[i], int(y[i]), (1, 2)))
+    assert len(set(y.tolist())) == 4  # 16 draws: every rotation occurs (seed 0)
+    again = data.rotate_batch(x, torch.Generator().manual_seed(0))[1]
+    assert torch.equal(again, y)  # a function of the generator
+
+
 @pytest.mark.parametrize("mode", ["mixup", "cutmix"])
 def test_mix_batch(mode):
     x = batch(8)

@@ -88,13 +88,34 @@ def test_rotation_and_linear_eval(tiny_idx, tmp_path, capsys):
     assert "linear_acc" in out and (tmp_path / "runs" / "rot_linear" / "linear_eval.json").exists()
 
 
-def test_rotation_batch_has_all_four_rotations():
-    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).reshape(2, 1, 3, 3)
-    xr, y = data.rotate_batch(x)
-    assert xr.shape == (8, 1, 3, 3) and y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    for k in range(4):
-        for i in range(2):
-            assert torch.equal(xr[k * 2 + i], torch.rot90(x[i], k, dims=(1, 2)))
+def test_rotations_one_trains_on_n_images_all_on_4n(tmp_path, tiny_idx, monkeypatch):
+    """--rotations one: each step sees the input batch once (a random rotation per image);
+    all: four times. Counted on the forward batches of the real CLI run."""
+    orig, sizes = data.rotate_batch, []
+
+    def spy(x, gen=None):
+        out = orig(x, gen)
+        sizes.append((len(x), len(out[0])))
+        return out
+
+    monkeypatch.setattr(data, "rotate_batch", spy)
+    for mode, factor in (("one", 1), ("all", 4)):
+        sizes.clear()
+        args = ["--data", str(tiny_idx), "--out", str(tmp_path), "--name", mode]
+        args += ["--model", "smallnet_s", "--task", "rotation", "--rotations", mode]
+        train.main([*args, "--epochs", "1", "--batch-size", "16", "--quiet"])
+        train_steps = [(n, b) for n, b in sizes if n == 16]  # eval batches are larger
+        assert train_steps and all(b == factor * n for n, b in train_steps), (mode, sizes)
+
+
+def test_rotations_without_rotation_task_refused(tiny_idx, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tiny_idx, tmp_path, "--rotations", "all")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "train.py: error: --rotations all: only for --task rotation; drop it"
+    ]
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
 
 
 def _final_state(path):
