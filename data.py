@@ -1220,13 +1220,21 @@ def _concat(frames: list):
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
-def _scan_csv(root: Path, part: str, opts: Opts) -> Source:
+def _csv_of_part(root: Path, part: str, what: str) -> tuple[Path, Path]:
+    """(train CSV, the CSV of `part`); `what` names the training CSV in the error."""
     train_csv, test_csv = _csv_parts(root)
     if train_csv is None:
-        raise UserError(f"{root}: no training CSV (train.csv or a single *.csv) found")
+        raise UserError(f"{root}: no {what}")
     part_csv = train_csv if part == "train" else test_csv
     if part_csv is None:
         raise MissingPartError(f"{root}: no test CSV (test.csv)")
+    return train_csv, part_csv
+
+
+def _scan_csv(root: Path, part: str, opts: Opts) -> Source:
+    train_csv, part_csv = _csv_of_part(
+        root, part, "training CSV (train.csv or a single *.csv) found"
+    )
     data_root = root.parent if root.is_file() else root
     return _table_source(data_root, [train_csv], [part_csv], part, opts)
 
@@ -1236,12 +1244,9 @@ def _scan_csv(root: Path, part: str, opts: Opts) -> Source:
 
 
 def _scan_pixels_csv(root: Path, part: str, opts: Opts) -> Source:
-    train_csv, test_csv = _csv_parts(root)
-    if train_csv is None:
-        raise UserError(f"{root}: no pixels CSV (train.csv with columns id,digit,letter,0..783)")
-    part_csv = train_csv if part == "train" else test_csv
-    if part_csv is None:
-        raise MissingPartError(f"{root}: no test CSV (test.csv)")
+    train_csv, part_csv = _csv_of_part(
+        root, part, "pixels CSV (train.csv with columns id,digit,letter,0..783)"
+    )
 
     def label_col(header, where, need):
         if opts.label_column:

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import infer
+import models
 import train
 from common import parse_args
 
@@ -77,6 +79,21 @@ def test_preset_keys_are_train_flags():
     # the command line still wins over the preset
     argv = ["--config", str(PRESET), "--data", "x", "--epochs", "2"]
     assert parse_args(train.build_parser(), argv).epochs == 2
+
+
+def test_gpu_preset_is_the_seed_recipe_and_builds():
+    """configs/dirty_gpu.yaml: the seed's settings, read through train.py's flag types; the timm
+    model builds with 1 input channel and 26 outputs (at a small size, on the CPU)."""
+    args = parse_args(
+        train.build_parser(), ["--config", str(ROOT / "configs" / "dirty_gpu.yaml"), "--data", "x"]
+    )
+    assert (args.model, args.in_chans, args.img_size) == ("tf_efficientnetv2_s", 1, 384)
+    assert (args.drop, args.drop_path, args.opt, args.lr) == (0.5, 0.2, "adam", 0.001)
+    assert args.sched == "cosine" and args.lr * args.min_lr_ratio == pytest.approx(1e-5)
+    assert args.grad_checkpointing and args.loss == "bce" and args.aug == "rot90"
+    m = models.create_model(args.model, 26, in_chans=1, img_size=64).eval()
+    with torch.no_grad():
+        assert m(torch.zeros(2, 1, 64, 64)).shape == (2, 26)
 
 
 def test_preset_beats_all_absent_baseline(tmp_path: Path):
