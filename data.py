@@ -1172,13 +1172,7 @@ def _table_source(
             f"{where}: row {out + 2}: image path {paths[out]} is outside the data folder "
             f"{data_root}; image paths must be relative and stay inside it"
         )
-    missing = [(i, p) for i, p in enumerate(paths) if not p.is_file()]
-    if missing and not opts.skip_bad_images:
-        i, p = missing[0]
-        raise UserError(
-            f"{where}: row {i + 2}: image {p} not found ({len(missing)} missing); "
-            "fix the CSV or pass --skip-bad-images"
-        )
+    _refuse_missing(paths, where, "the CSV", opts)
     id_col = spec.id_col or spec.path_col
     if id_col and id_col in df.columns:
         ids = [str(v) for v in df[id_col].tolist()]
@@ -1218,6 +1212,18 @@ def _concat(frames: list):
     import pandas as pd
 
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _refuse_missing(files: list[Path], where, fix: str, opts: Opts) -> None:
+    """One line naming the first listed image that does not exist (row numbers count the
+    header), unless --skip-bad-images."""
+    missing = [(i, f) for i, f in enumerate(files) if not f.is_file()]
+    if missing and not opts.skip_bad_images:
+        i, f = missing[0]
+        raise UserError(
+            f"{where}: row {i + 2}: image {f} not found ({len(missing)} missing); "
+            f"fix {fix} or pass --skip-bad-images"
+        )
 
 
 def _csv_of_part(root: Path, part: str, what: str) -> tuple[Path, Path]:
@@ -1494,13 +1500,7 @@ def _mask_eval(root: Path, opts: Opts) -> Source:
         if not f.is_file() and f.suffix.lower() not in IMAGE_EXTS:
             f = next((f.with_name(n + e) for e in IMAGE_EXTS if (img_dir / (n + e)).is_file()), f)
         files.append(f)
-    missing = [(i, f) for i, f in enumerate(files) if not f.is_file()]
-    if missing and not opts.skip_bad_images:
-        i, f = missing[0]
-        raise UserError(
-            f"{info}: row {i + 2}: image {f} not found ({len(missing)} missing); "
-            "fix eval/images or pass --skip-bad-images"
-        )
+    _refuse_missing(files, info, "eval/images", opts)
 
     def decode() -> ImageSet:
         x, kept, skipped = decode_images(files, opts, str(img_dir))
