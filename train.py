@@ -427,6 +427,8 @@ def check_flags(args) -> None:
         )
     if args.rotations is not None and args.task != "rotation":
         raise UserError(f"--rotations {args.rotations}: only for --task rotation; drop it")
+    if args.task == "rotation" and args.rotations is None:
+        args.rotations = "one"  # resolved here, so a resume compares what the run did
     if args.eval_test and args.task == "rotation" and not (args.eval_only or args.linear_eval):
         raise UserError("--eval-test: a --task rotation run has no test accuracy; drop one of them")
     if args.nonlinear and not args.linear_eval:
@@ -1064,6 +1066,8 @@ def fingerprint(args, keys, train_set, record: dict, world: int, warmup: int) ->
 def fingerprint_changes(saved: dict, now: dict, data_path=None) -> list[str]:
     """'--lr 0.1 (was 0.2)' for each difference that resume cannot honour."""
     out = []
+    if "rotations" not in saved and saved.get("task") == "rotation":
+        saved = {**saved, "rotations": "all"}  # runs from before --rotations used all four
     for k, v in now.items():
         if k not in saved or saved[k] == v:
             continue

@@ -108,6 +108,18 @@ def test_rotations_one_trains_on_n_images_all_on_4n(tmp_path, tiny_idx, monkeypa
         assert train_steps and all(b == factor * n for n, b in train_steps), (mode, sizes)
 
 
+def test_resume_knows_rotnet_runs_from_before_rotations():
+    """A rotation run saved before --rotations existed turned every image four ways: resuming it
+    with the default (one) is a change resume names; with --rotations all it is not."""
+    old = {"task": "rotation", "lr": 0.2}
+    assert train.fingerprint_changes(old, {"task": "rotation", "rotations": "one", "lr": 0.2}) == [
+        "--rotations one (was all)"
+    ]
+    assert train.fingerprint_changes(old, {"task": "rotation", "rotations": "all", "lr": 0.2}) == []
+    classify = {"task": "classify", "lr": 0.2}
+    assert train.fingerprint_changes(classify, {**classify, "rotations": None}) == []
+
+
 def test_rotations_without_rotation_task_refused(tiny_idx, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(tiny_idx, tmp_path, "--rotations", "all")
