@@ -661,7 +661,8 @@ def finetune(args, explicit: set[str]) -> dict:
     keep: dict = {"grid": apply_grid(args, explicit)}
     adopt_start(args, explicit)
     check_args(args)
-    base = args.name or f"{args.model}_ft"
+    default_model(args)
+    base = _search_base(args)
     args.name = f"{base}/i{args.i}_s{args.random_seed}"
     run_dir = Path(args.out) / args.name
     state = run_dir_state(args, run_dir)
@@ -791,6 +792,12 @@ def _import_optuna():
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     return optuna
+
+
+def default_model(args) -> None:
+    """--model when neither given nor taken from a checkpoint of ours: train.py's default."""
+    if args.model is None:
+        args.model = models.default_arch(models.resolve_device(args.device), args.amp)
 
 
 def _search_base(args) -> str:
@@ -1029,6 +1036,7 @@ def run_search(args, argv) -> dict:
     probe = copy.deepcopy(args)
     if args.search or args.weights:
         adopt_start(probe, explicit)  # --model etc. from --weights, before the space is made
+    default_model(probe)
     args.name = _search_base(probe)  # <model>_ft by default, as finetune() names it
     url = args.storage or default_storage(args)
     result: dict = {}

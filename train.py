@@ -182,7 +182,13 @@ def _data_flags(g) -> None:
 
 
 def _model_flags(g) -> None:
-    g.add_argument("--model", default="smallnet", help="built-in (smallnet*) or any timm name")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="built-in (smallnet*) or any timm name; default: smallnet where bf16/fp16 is fast "
+        '(GPUs, CPUs with AMX), else smallnet_t (a seventh of the compute; README "Which '
+        'precision and model `auto` picks")',
+    )
     g.add_argument("--task", choices=["classify", "rotation"], default="classify")
     g.add_argument(
         "--rotations",
@@ -1196,8 +1202,6 @@ def fit(args, hooks: FitHooks | None = None) -> dict:
 def _prepare(args, hooks: FitHooks) -> Training:
     """Check every flag and load every input (data, weights, last.pt); nothing is written."""
     check_flags(args)
-    if args.name is None:
-        args.name = f"{args.model}_{args.task}"
     rank, world = _init_distributed(args)
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None
     rt = models.setup_runtime(args, local_rank)
@@ -1206,9 +1210,8 @@ def _prepare(args, hooks: FitHooks) -> Training:
             f"--sync-bn: SyncBatchNorm needs CUDA, and this run is on {rt.device.type}; drop "
             "--sync-bn (BN statistics are averaged over ranks after every epoch anyway)"
         )
+    why_amp = amp_reason(args.amp, rt)
     args.amp = rt.amp
-    run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
-    resume_from = run.check(args)
     aug = data._aug_names(args.aug) if args.aug is not None else None  # unknown: UserError now
     _check_heads_data(args)
     train_set, val_set, record = load_data(args)
@@ -1221,9 +1224,14 @@ def _prepare(args, hooks: FitHooks) -> Training:
     if getattr(args, "heads", None):
         loss_fn = _head_loss(args, train_set)
     sample_idx = oversample_index(train_set.labels, args.oversample, train_set.classes)
-    recipe = choose_recipe(args, len(sample_idx), world, rt.device, fmt=train_set.fmt)
+    recipe = choose_recipe(args, len(sample_idx), world, fmt=train_set.fmt)
+    why_model = default_model(args, rt, len(sample_idx) * args.epochs)
+    if args.name is None:
+        args.name = f"{args.model}_{args.task}"
+    run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
+    resume_from = run.check(args)
     if rank == 0:
-        print(recipe, flush=True)
+        print(recipe + why_amp + why_model, flush=True)
     aug = aug if aug is not None else data._aug_names(args.aug)
     steps_per_epoch = _steps_per_epoch(args, len(sample_idx), world)
     total = steps_per_epoch * args.epochs
@@ -1324,7 +1332,34 @@ RECIPE_WARMUP_FRAC = 0.2
 GLYPH_FORMATS = ("synth", "pixels-csv")
 
 
-def choose_recipe(args, n_samples: int, world: int, device: torch.device, fmt: str = "") -> str:
+def default_model(args, rt: models.Runtime, images_seen: int) -> str:
+    """Set --model where it was not given (models.default_arch); the reason for the recipe line
+    ("" when --model was given)."""
+    if args.model is not None:
+        return ""
+    args.model = models.default_arch(rt.device, rt.amp, images_seen)
+    if rt.amp != "none" or rt.device.type != "cpu":
+        why = f"{rt.amp} on {rt.device.type}"
+    elif images_seen < models.SHORT_RUN_IMAGES:
+        why = f"fp32 on cpu, a short run: {images_seen} < {models.SHORT_RUN_IMAGES} images seen"
+    else:
+        why = f"fp32 on cpu, {images_seen} images seen"
+    return f", model {args.model} (auto: {why})"
+
+
+def amp_reason(amp_flag: str, rt: models.Runtime) -> str:
+    """', amp X (why)' for the recipe line; `amp_flag` is --amp as given."""
+    if amp_flag != "auto":
+        why = "--amp"
+    elif rt.device.type == "cpu":
+        fast = models.cpu_has_fast_bf16()
+        why = "auto: bf16 is fast with AMX" if fast else "auto: no AMX here, bf16 is not faster"
+    else:
+        why = f"auto: {rt.device.type}"
+    return f", amp {rt.amp} ({why})"
+
+
+def choose_recipe(args, n_samples: int, world: int, fmt: str = "") -> str:
     """Set --batch-size, --opt, --lr, --warmup-epochs and --aug where they were not given; the
     reasons as one line."""
     per_batch = world * args.accum_steps
@@ -1368,11 +1403,6 @@ def choose_recipe(args, n_samples: int, world: int, device: torch.device, fmt: s
     else:
         why_w = f"--warmup-epochs, at most {WARMUP_MAX_FRAC:.0%} of the run"
     w = warmup_steps(args.warmup_epochs, spe, total, args.sched)
-    if device.type == "cpu":
-        has = models._cpu_has_fast_bf16()
-        why_a = "this CPU has AVX512-BF16/AMX" if has else "this CPU has no AVX512-BF16/AMX: fp32"
-    else:
-        why_a = device.type
     why_aug = ""
     if getattr(args, "aug", "") is None:
         glyphs = fmt in GLYPH_FORMATS
@@ -1381,7 +1411,7 @@ def choose_recipe(args, n_samples: int, world: int, device: torch.device, fmt: s
         why_aug = f", aug {args.aug} (auto: {why})"
     return (
         f"recipe: batch {args.batch_size} ({why_b}), opt {args.opt} ({why_o}), lr {args.lr:g} "
-        f"({why_lr}), warm-up {w} of {total} steps ({why_w}){why_aug}, amp {args.amp} ({why_a})"
+        f"({why_lr}), warm-up {w} of {total} steps ({why_w}){why_aug}"
     )
 
 

@@ -617,7 +617,17 @@ def cpu_description() -> str:
         flags = set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", text))
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} logical CPUs; {', '.join(sorted(flags)) or 'no AVX flags'})"
+    import torch
+
+    env = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # limits on torch's kernels
+    limits = [f"{k}={os.environ[k]}" for k in env if os.environ.get(k)]
+    kernels = torch.backends.cpu.get_cpu_capability() + (
+        f" ({', '.join(limits)})" if limits else ""
+    )
+    return (
+        f"{name} ({os.cpu_count()} logical CPUs; {', '.join(sorted(flags)) or 'no AVX flags'}); "
+        f"torch kernels {kernels}"
+    )
 
 
 def code_version() -> str:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_patterns, write_idx
 
+import models
 import train
 from common import read_jsonl
 
@@ -113,7 +114,7 @@ def recipe(n_images: int, epochs: int = 3, fmt: str = "", **given):
     a = argparse.Namespace(batch_size=None, lr=None, warmup_epochs=None, opt=None, epochs=epochs,
                            accum_steps=1, sched="onecycle", amp="none")  # fmt: skip
     vars(a).update(given)
-    return a, train.choose_recipe(a, n_images, 1, torch.device("cpu"), fmt=fmt)
+    return a, train.choose_recipe(a, n_images, 1, fmt=fmt)
 
 
 def test_recipe_small_data_gets_small_batches_adamw_and_short_warmup():
@@ -122,7 +123,6 @@ def test_recipe_small_data_gets_small_batches_adamw_and_short_warmup():
     a, line = recipe(2700)
     assert (a.batch_size, a.opt, a.lr, a.warmup_epochs) == (32, "adamw", 7.071e-4, 0.6)
     assert "batch 32 (2700 images: 84 steps/epoch" in line and "warm-up 50 of 252 steps" in line
-    assert "amp none" in line
 
 
 def test_recipe_large_data_keeps_the_sgd_defaults():
@@ -161,5 +161,62 @@ def test_recipe_printed_by_train_cli(idx200, tmp_path, capsys):
                 *FAST])  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith("recipe: batch 32 (180 images: 5 steps/epoch")
+    line = out.splitlines()[0]
+    assert "amp none (auto: " in line or "amp bf16 (auto: bf16 is fast with AMX)" in line
+    assert "model " not in line  # --model given: no reason printed for it
     a = json.loads((tmp_path / "auto" / "args.json").read_text())
     assert (a["batch_size"], a["opt"], a["aug"]) == (32, "adamw", "flip,crop")  # IDX: not glyphs
+
+
+# ---------------------------------------------------------------------------
+# Issue 16.2: precision and model chosen for the hardware
+
+
+def test_fast_bf16_needs_amx_and_avx512_kernels():
+    # measured: bf16 autocast is slower than fp32 on a Xeon with AVX512-BF16 but no AMX
+    has = models.cpu_has_fast_bf16
+    assert has(["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], "AVX512")
+    assert not has(["avx2", "avx512f", "avx512_bf16"], "AVX512")
+    assert not has(["avx2", "avx512f", "amx_bf16"], "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not has(["avx2"], "NO AVX")
+
+
+def test_default_model_follows_the_precision_and_the_run_length(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: False)
+    assert models.default_arch("cpu", "auto") == "smallnet_t"  # auto -> fp32 -> the thin net
+    assert models.default_arch("cpu", "bf16") == "smallnet"
+    assert models.default_arch("cpu", "none", 54000 * 4) == "smallnet_t"
+    assert models.default_arch("cpu", "none", 2700 * 3) == "smallnet"  # short: the wide net
+    assert models.default_arch("cpu", "none", models.SHORT_RUN_IMAGES) == "smallnet_t"
+    rt = models.Runtime(device=torch.device("cpu"), amp="none")
+    a = argparse.Namespace(model=None)
+    assert (
+        train.default_model(a, rt, 216000)
+        == ", model smallnet_t (auto: fp32 on cpu, 216000 images seen)"
+    )
+    assert a.model == "smallnet_t"
+    a = argparse.Namespace(model=None)
+    assert train.default_model(a, rt, 8100) == (
+        ", model smallnet (auto: fp32 on cpu, a short run: 8100 < 50000 images seen)"
+    )
+    assert train.amp_reason("auto", rt) == ", amp none (auto: no AMX here, bf16 is not faster)"
+    assert train.amp_reason("none", rt) == ", amp none (--amp)"
+    a = argparse.Namespace(model="resnet18")
+    assert train.default_model(a, rt, 8100) == "" and a.model == "resnet18"  # given: kept
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: True)
+    assert models.default_arch("cpu", "auto", 10**6) == "smallnet"
+    rt = models.Runtime(device=torch.device("cpu"), amp="bf16")
+    a = argparse.Namespace(model=None)
+    assert train.default_model(a, rt, 10**6) == ", model smallnet (auto: bf16 on cpu)"
+
+
+def test_default_model_in_the_cli_and_the_run_name(idx200, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: False)
+    fast = [f for f in FAST if f not in ("--model", "smallnet_s")]
+    train.main(["--data", str(idx200), "--out", str(tmp_path), "--epochs", "1", *fast])
+    line = capsys.readouterr().out.splitlines()[0]
+    # 180 images x 1 epoch: a short run, so the wide net, and the run named after it
+    assert line.endswith(", amp none (auto: no AMX here, bf16 is not faster), model smallnet "
+                         "(auto: fp32 on cpu, a short run: 180 < 50000 images seen)")  # fmt: skip
+    a = json.loads((tmp_path / "smallnet_classify" / "args.json").read_text())
+    assert a["model"] == "smallnet"
