@@ -26,6 +26,9 @@ else
   d_dirty_img=41 d_dirty_epochs=4 d_ft_epochs=
 fi
 
+# the sizes the run may fit to this machine's speed (FIT=1): only those not given
+given_images=${NUM_IMAGES:+1}
+given_dirty=${DIRTY_IMAGES:+1}
 PYTHON="${PYTHON:-python}"
 RUNS_DIR="${RUNS_DIR:-runs}"
 RUN="${RUN:-$d_run}"
@@ -53,12 +56,15 @@ DIRTY_IMAGES="${DIRTY_IMAGES:-$d_dirty_images}"
 DIRTY_TEST="${DIRTY_TEST:-$d_dirty_test}"
 DIRTY_IMG_SIZE="${DIRTY_IMG_SIZE:-$d_dirty_img}"
 DIRTY_EPOCHS="${DIRTY_EPOCHS:-$d_dirty_epochs}"
+FIT="${FIT:-1}"
+FIT_SPEED="${FIT_SPEED:-}"
 
 usage() {
   cat <<EOF
-usage: [VAR=value ...] bash run_all.sh [--help]
+usage: [VAR=value ...] bash run_all.sh [--help | --plan]
 
 Runs the whole chain; outputs go to \$RUNS_DIR/\$RUN/, results to summary.md and summary.json there.
+--plan: only check the settings and print the sizes the run would use (FIT), writing nothing.
 Running the same command again skips finished stages and resumes an interrupted training.
 
 Settings are environment variables. Shown: the value this call would use; * = FAST=1 changes
@@ -79,7 +85,7 @@ DATA|single-label data set, any data.py format; empty: synth.py --mode letters
 NUM_IMAGES|* synthetic letters: train images
 NUM_TEST|* synthetic letters: labelled test images
 IMG_SIZE|* synthetic letters: image side in pixels
-MODEL|built-in smallnet, smallnet_s, smallnet_l, or a timm name
+MODEL|built-in smallnet, smallnet_s, smallnet_t, smallnet_l, or a timm name
 EPOCHS|* supervised base model epochs
 ROT_EPOCHS|* RotNet rotation pre-training epochs
 LINEAR_EPOCHS|* linear-probe epochs per block
@@ -100,6 +106,10 @@ DIRTY_IMAGES|* dirty-MNIST train images (82x82 canvas, 1-2 letters each)
 DIRTY_TEST|* dirty-MNIST labelled test images
 DIRTY_IMG_SIZE|* dirty-MNIST decode size (the canvas is resized to it)
 DIRTY_EPOCHS|* dirty-MNIST epochs
+FIT|1: the default run (not FAST, synthetic letters) measures this machine's training speed
+|  first (3 s) and, where it would take over 10 minutes, trains on fewer images (NUM_IMAGES,
+|  DIRTY_IMAGES, unless given); 0: the sizes as they are
+FIT_SPEED|images/s to assume instead of measuring (the same sizes on every machine)
 PYTHON|interpreter
 EOF
   cat <<'EOF'
@@ -111,8 +121,10 @@ examples:
 EOF
 }
 
+PLAN=0
 case "${1:-}" in
   -h | --help) usage; exit 0 ;;
+  --plan) PLAN=1 ;;
   "") ;;
   *) echo "run_all.sh: error: unknown argument '$1'; settings are environment variables" \
        "(see bash run_all.sh --help)" >&2
@@ -139,6 +151,7 @@ one_of() {  # one_of VAR CHOICE...: the value is one of the choices
 }
 one_of FAST 0 1
 one_of DIRTY 0 1
+one_of FIT 0 1
 one_of AMP auto none bf16 fp16
 [[ "$DEVICE" =~ ^(auto|cpu|cuda|cuda:[0-9]+|mps)$ ]] ||
   bad DEVICE "not a device" "use auto, cpu, cuda, cuda:N or mps"
@@ -151,6 +164,7 @@ whole SEED 0 4294967295
 whole FT_EPOCHS 1 999999999 optional
 whole BATCH_SIZE 1 999999999 optional
 whole THREADS 1 1024 optional
+whole FIT_SPEED 1 999999999 optional
 [[ "$RUN" =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]] ||
   bad RUN "not a plain name" "use letters, digits, '.', '_', '-' (outputs go to \$RUNS_DIR/\$RUN)"
 [ -n "$RUNS_DIR" ] || bad RUNS_DIR "empty" "give a directory, e.g. RUNS_DIR=runs"
@@ -201,7 +215,94 @@ EOF
 ) || exit 2
 
 R="$RUNS_DIR/$RUN"
+
+# --- 0b. the default run sized to this machine (FIT=1) -------------------------------------
+# The default sizes take REF_SECONDS on a machine where the probe below trains smallnet_s at
+# REF_SPEED images/s (a 2-core Xeon with torch limited to AVX2, 2026-12-02; README "run_all.sh").
+# Where this machine is slower, the training image counts not given shrink in proportion so
+# that the run takes about FIT_SECONDS; FIXED_SECONDS of it (process starts, evaluation) do not
+# shrink. The sizes are kept in $R/sizes.env, so a rerun (resume) uses the same ones.
+REF_SPEED=650 REF_SECONDS=897 FIXED_SECONDS=150 FIT_SECONDS=540
+fit_note=""
+probed=0
+if [ -f "$R/sizes.env" ] && [ "$FIT" = 1 ]; then
+  fit_images=$(sed -n 's/^NUM_IMAGES=\([0-9]*\)$/\1/p' "$R/sizes.env")
+  fit_dirty=$(sed -n 's/^DIRTY_IMAGES=\([0-9]*\)$/\1/p' "$R/sizes.env")
+  [ -z "$given_images" ] && [ -n "$fit_images" ] && NUM_IMAGES=$fit_images
+  [ -z "$given_dirty" ] && [ -n "$fit_dirty" ] && DIRTY_IMAGES=$fit_dirty
+  fit_note="the first run's sizes ($R/sizes.env): NUM_IMAGES=$NUM_IMAGES DIRTY_IMAGES=$DIRTY_IMAGES"
+elif [ "$FIT" = 1 ] && [ "$FAST" = 0 ] && [ -z "$DATA" ] && [ "$REF_SPEED" != 0 ] &&
+  { [ -z "$given_images" ] || [ -z "$given_dirty" ]; }; then
+  speed=$FIT_SPEED
+  [ -n "$speed" ] || speed=$("$PYTHON" - "$ROOT" "$MODEL" "$IMG_SIZE" "$AMP" "$DEVICE" "${THREADS:-0}" <<'EOF'
+import sys
+import time
+
+sys.path.insert(0, sys.argv[1])
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models  # noqa: E402
+
+arch, size, amp, device, threads = sys.argv[2], int(sys.argv[3]), *sys.argv[4:6], int(sys.argv[6])
+if threads:
+    torch.set_num_threads(threads)
+dev = models.resolve_device(device)
+amp = models.resolve_amp(dev, amp)
+torch.manual_seed(0)
+model = models.create_model(arch, 26, in_chans=1, img_size=size)
+model = model.to(dev, memory_format=torch.channels_last)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = torch.randn(128, 1, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 26, (128,), device=dev)
+
+
+def step():
+    with models.autocast(dev, amp):
+        loss = F.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+step(), step()  # kernels chosen and built
+best = 0.0
+for _ in range(3):  # the best of three windows: a moment of load elsewhere does not count
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.8:
+        step()
+        n += 1
+    best = max(best, 128 * n / (time.perf_counter() - t0))
+print(round(best))
+EOF
+) || exit 2
+  read -r NUM_IMAGES DIRTY_IMAGES fit_note < <(awk -v p="$speed" -v rp="$REF_SPEED" \
+    -v rt="$REF_SECONDS" -v f="$FIXED_SECONDS" -v goal="$FIT_SECONDS" -v n="$NUM_IMAGES" \
+    -v d="$DIRTY_IMAGES" -v gn="$given_images" -v gd="$given_dirty" 'BEGIN {
+      est = f + (rt - f) * rp / p; s = (goal - f) / (est - f)
+      if (s >= 1) {
+        printf "%d %d training at %d images/s: about %d min, default sizes\n", n, d, p, est / 60 + 0.5
+        exit
+      }
+      if (gn == "") { n = int(n * s / 500 + 0.5) * 500; if (n < 2000) n = 2000 }
+      if (gd == "") { d = int(d * s / 500 + 0.5) * 500; if (d < 2000) d = 2000 }
+      printf "%d %d training at %d images/s: about %d min at the default sizes, so NUM_IMAGES=%d", n, d, p, est / 60 + 0.5, n
+      printf " DIRTY_IMAGES=%d (x%.2f) for about %d min (FIT=0 keeps the sizes)\n", d, s, goal / 60 + 0.5
+    }')
+  probed=1
+fi
+if [ "$PLAN" = 1 ]; then
+  echo "run_all.sh --plan: ${fit_note:-no fitting (FIT=0, FAST=1 or DATA given)}; NUM_IMAGES=$NUM_IMAGES DIRTY_IMAGES=$DIRTY_IMAGES"
+  exit 0
+fi
 mkdir -p "$R/.done"
+if [ "$probed" = 1 ]; then
+  printf 'NUM_IMAGES=%s\nDIRTY_IMAGES=%s\n' "$NUM_IMAGES" "$DIRTY_IMAGES" >"$R/sizes.env.tmp"
+  mv "$R/sizes.env.tmp" "$R/sizes.env"
+fi
+[ -z "$fit_note" ] || echo "run_all.sh: $fit_note"
 TIMES="$R/times.tsv"
 T0=$(date +%s.%N)
 

@@ -80,3 +80,48 @@ def test_fast_chain_then_skip(tmp_path):
     assert len(stage_lines) >= 20 and all(ln.startswith("== skip ") for ln in stage_lines)
     assert seconds < 30
     assert json.loads((run / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def _ref() -> dict:
+    """run_all.sh's calibration (REF_SPEED, REF_SECONDS, FIXED_SECONDS, FIT_SECONDS)."""
+    line = next(ln for ln in SCRIPT.read_text().splitlines() if ln.startswith("REF_SPEED="))
+    return {k: float(v) for k, v in (kv.split("=") for kv in line.split())}
+
+
+def test_plan_fits_the_default_sizes_to_the_speed(tmp_path):
+    ref = _ref()
+    # at the reference speed the default run takes REF_SECONDS: shrunk so that it takes
+    # FIT_SECONDS; the fixed part does not shrink
+    speed = int(ref["REF_SPEED"])
+    s = (ref["FIT_SECONDS"] - ref["FIXED_SECONDS"]) / (ref["REF_SECONDS"] - ref["FIXED_SECONDS"])
+    n, d = round(10000 * s / 500) * 500, round(20000 * s / 500) * 500
+    r = _run(tmp_path, "--plan", FIT_SPEED=str(speed))
+    assert r.returncode == 0, r.stderr
+    assert f"NUM_IMAGES={n} DIRTY_IMAGES={d} (x{s:.2f})" in r.stdout
+    assert not (tmp_path / "runs").exists()  # --plan writes nothing
+    # half the speed: the scalable part takes twice as long
+    s2 = (ref["FIT_SECONDS"] - ref["FIXED_SECONDS"]) / (
+        2 * (ref["REF_SECONDS"] - ref["FIXED_SECONDS"])
+    )
+    r = _run(tmp_path, "--plan", FIT_SPEED=str(speed // 2), NUM_IMAGES="8000")
+    assert (
+        f"NUM_IMAGES=8000 DIRTY_IMAGES={round(20000 * s2 / 500) * 500} " in r.stdout
+    )  # given: kept
+    # fast enough: the default sizes; FIT=0 and FAST=1: no fitting at all
+    r = _run(tmp_path, "--plan", FIT_SPEED=str(speed * 3))
+    assert "default sizes; NUM_IMAGES=10000 DIRTY_IMAGES=20000" in r.stdout
+    for env, n in (({"FIT": "0"}, 10000), ({"FAST": "1"}, 2000)):
+        r = _run(tmp_path, "--plan", FIT_SPEED="1", **env)
+        assert "no fitting" in r.stdout and f"NUM_IMAGES={n} " in r.stdout
+    r = _run(tmp_path, "--plan", FIT_SPEED="fast")
+    assert r.returncode == 2 and "FIT_SPEED='fast'" in r.stderr
+
+
+def test_plan_measures_the_speed(tmp_path):
+    r = _run(tmp_path, "--plan", THREADS="1")
+    assert r.returncode == 0, r.stderr
+    speed = r.stdout.split("training at ")[1].split(" images/s")[0]
+    assert speed.isdigit() and int(speed) > 0
+    # the sizes follow from the measured speed exactly as from the same speed given
+    given = _run(tmp_path, "--plan", THREADS="1", FIT_SPEED=speed)
+    assert given.stdout == r.stdout
