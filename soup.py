@@ -348,15 +348,15 @@ def recalibrate_bn(
     mean,
     std,
     batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    amp: str | None = None,
-    channels_last: bool = False,
+    rt: models.Runtime | None = None,
 ) -> int:
     """Reset BatchNorm running stats and re-estimate them as the plain average over `images`.
 
-    The batches go through train.predict's loop (normalise, channels_last, autocast); only BN
-    layers run in train mode (dropout/drop-path stay off). Returns the number of BN layers.
+    The batches (of `batch_size`, on `rt`'s device, AMP and layout; default: CPU fp32) go
+    through train.predict's loop (normalise, channels_last, autocast); only BN layers run in
+    train mode (dropout/drop-path stay off). Returns the number of BN layers.
     """
+    rt = rt or models.Runtime(device=torch.device("cpu"), amp="none")
     bns = [
         m
         for m in model.modules()
@@ -379,9 +379,8 @@ def recalibrate_bn(
         return x.new_zeros(len(x), 0)
 
     try:
-        train.predict(
-            model, images, mean, std, batch_size, device, amp, channels_last, forward=forward
-        )
+        kw = {**rt.predict_kw(), "batch_size": batch_size, "quiet": True}
+        train.predict(model, images, mean, std, forward=forward, **kw)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -623,17 +622,7 @@ class Scorer:
         """Load `sd` into the model; re-estimate BN statistics when asked and enabled."""
         self.model.load_state_dict(sd)
         if recalib and self.bn is not None:
-            rt = self.rt
-            recalibrate_bn(
-                self.model,
-                self.bn,
-                self.mean,
-                self.std,
-                self.args.batch_size,
-                rt.device,
-                rt.amp,
-                rt.channels_last,
-            )
+            recalibrate_bn(self.model, self.bn, self.mean, self.std, self.args.batch_size, self.rt)
 
     def score(self, sd: dict | None = None, recalib: bool = True) -> dict:
         """Held-out metrics {"acc", "loss", "f1"|"label_acc"} of `sd` (None: model as loaded)."""
