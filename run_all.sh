@@ -225,7 +225,7 @@ R="$RUNS_DIR/$RUN"
 REF_SPEED=650 REF_SECONDS=897 FIXED_SECONDS=150 FIT_SECONDS=540
 fit_note=""
 probed=0
-if [ -f "$R/sizes.env" ] && [ "$FIT" = 1 ]; then
+if [ -f "$R/sizes.env" ]; then
   fit_images=$(sed -n 's/^NUM_IMAGES=\([0-9]*\)$/\1/p' "$R/sizes.env")
   fit_dirty=$(sed -n 's/^DIRTY_IMAGES=\([0-9]*\)$/\1/p' "$R/sizes.env")
   [ -z "$given_images" ] && [ -n "$fit_images" ] && NUM_IMAGES=$fit_images

@@ -115,6 +115,14 @@ def test_plan_fits_the_default_sizes_to_the_speed(tmp_path):
         assert "no fitting" in r.stdout and f"NUM_IMAGES={n} " in r.stdout
     r = _run(tmp_path, "--plan", FIT_SPEED="fast")
     assert r.returncode == 2 and "FIT_SPEED='fast'" in r.stderr
+    # a rerun keeps the first run's fitted sizes (whatever FIT and the speed say now); given wins
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    (tmp_path / "runs" / "default" / "sizes.env").write_text("NUM_IMAGES=3000\nDIRTY_IMAGES=6500\n")
+    for env in ({"FIT_SPEED": str(speed * 3)}, {"FIT": "0"}):
+        r = _run(tmp_path, "--plan", **env)
+        assert r.stdout.rstrip().endswith("NUM_IMAGES=3000 DIRTY_IMAGES=6500"), r.stdout
+    r = _run(tmp_path, "--plan", NUM_IMAGES="7000")
+    assert r.stdout.rstrip().endswith("NUM_IMAGES=7000 DIRTY_IMAGES=6500"), r.stdout
 
 
 def test_plan_measures_the_speed(tmp_path):
