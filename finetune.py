@@ -411,7 +411,7 @@ def write_wise(t: train.Training, start: dict, alpha: float) -> dict:
     sd = wise_ft(start, ck["state_dict"], alpha)
     model = models.model_from_checkpoint({**ck, "state_dict": sd}).to(t.rt.device)
     val = t.val_set
-    m = train.evaluate_checkpoint(model, ck, val.images, val.labels, **t.rt.predict_kw())
+    m = train.evaluate(model, val.images, val.labels, ck, t.rt)
     ft = ck.get("metrics", {})
     metrics = {
         **ft,

@@ -414,22 +414,14 @@ def ensemble_predict(args, ckpts: Sequence[Member], path: str, split: str, views
                 f"{next(iter(sets))[0]} (unreadable files?); fix the data or drop --skip-bad-images"
             )
         model = m.model
-        if rt.channels_last:
+        if rt.channels_last:  # before compiling (train.predict would do it for a plain model)
             model.to(memory_format=torch.channels_last)
         if rt.compile:
             model = torch.compile(model)
         ml = m.meta.multi_label
-        fwd = None if views == [IDENTITY] else tta_forward(views, args.merge, ml)
+        fwd = train.probs_forward(ml) if views == [IDENTITY] else tta_forward(views, args.merge, ml)
         t0 = time.perf_counter()
-        p = train.predict(
-            model,
-            ds.images,
-            m.meta.mean,
-            m.meta.std,
-            **{**rt.predict_kw(), "quiet": args.quiet},
-            multi_label=ml,
-            forward=fwd,
-        )
+        p = train.predict(model, ds.images, m.meta.mean, m.meta.std, rt, fwd)
         seconds += time.perf_counter() - t0
         probs.append(p.numpy())
     merged = vote.soft_vote(probs, parse_weights(args.weights, len(ckpts))).astype(np.float32)
@@ -632,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--confusion", default=None, metavar="FILE.png", help="confusion matrix plot")
 
-    g = models.add_runtime_flags(p, eval_batch_size=256)
+    g = models.add_runtime_flags(p)
     g.add_argument(
         "--batch-size",
         dest="eval_batch_size",

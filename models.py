@@ -956,7 +956,7 @@ def _timm():
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
-def add_runtime_flags(parser, eval_batch_size: int = 1024, compile_flag: bool = True):
+def add_runtime_flags(parser, eval_batch_size: int = 256, compile_flag: bool = True):
     """Add the "runtime" flag group (--device --amp --channels-last --threads --eval-batch-size
     [--compile]) to an argparse parser; returns the group so a script can add its own."""
     import argparse
@@ -988,23 +988,15 @@ def add_runtime_flags(parser, eval_batch_size: int = 1024, compile_flag: bool = 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Resolved runtime settings (`setup_runtime`); `predict_kw()` feeds train.predict."""
+    """Resolved runtime settings (`setup_runtime`), taken by train.predict / train.evaluate;
+    `dataclasses.replace(rt, quiet=True)` for a variant."""
 
     device: torch.device
     amp: str  # resolved: none | bf16 | fp16
     channels_last: bool = False
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 256
     quiet: bool = False
     compile: bool = False
-
-    def predict_kw(self) -> dict:
-        return {
-            "batch_size": self.eval_batch_size,
-            "device": self.device,
-            "amp": self.amp,
-            "channels_last": self.channels_last,
-            "quiet": self.quiet,
-        }
 
 
 def setup_runtime(args, local_rank: int | None = None) -> Runtime:
@@ -1020,7 +1012,7 @@ def setup_runtime(args, local_rank: int | None = None) -> Runtime:
         device=device,
         amp=resolve_amp(device, getattr(args, "amp", "auto")),
         channels_last=bool(getattr(args, "channels_last", False)),
-        eval_batch_size=int(getattr(args, "eval_batch_size", 1024) or 1024),
+        eval_batch_size=int(getattr(args, "eval_batch_size", 256) or 256),
         quiet=bool(getattr(args, "quiet", False)),
         compile=bool(getattr(args, "compile", False)),
     )

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="random order, BN-recalibration images and --learned batches",
     )
 
-    g = models.add_runtime_flags(p, eval_batch_size=1024, compile_flag=False)
+    g = models.add_runtime_flags(p, compile_flag=False)
     g.add_argument(
         "--batch-size",
         type=int_range(2),
@@ -343,20 +343,14 @@ def greedy_order(metrics: Sequence[dict], order: str = "accuracy", seed: int = 0
 
 
 def recalibrate_bn(
-    model: nn.Module,
-    images: torch.Tensor,
-    mean,
-    std,
-    batch_size: int = 256,
-    rt: models.Runtime | None = None,
+    model: nn.Module, images: torch.Tensor, mean, std, rt: models.Runtime = train.CPU_FP32
 ) -> int:
     """Reset BatchNorm running stats and re-estimate them as the plain average over `images`.
 
-    The batches (of `batch_size`, on `rt`'s device, AMP and layout; default: CPU fp32) go
+    The batches (of rt.eval_batch_size, on rt's device, AMP and layout; default: CPU fp32) go
     through train.predict's loop (normalise, channels_last, autocast); only BN layers run in
     train mode (dropout/drop-path stay off). Returns the number of BN layers.
     """
-    rt = rt or models.Runtime(device=torch.device("cpu"), amp="none")
     bns = [
         m
         for m in model.modules()
@@ -379,8 +373,7 @@ def recalibrate_bn(
         return x.new_zeros(len(x), 0)
 
     try:
-        kw = {**rt.predict_kw(), "batch_size": batch_size, "quiet": True}
-        train.predict(model, images, mean, std, forward=forward, **kw)
+        train.predict(model, images, mean, std, replace(rt, quiet=True), forward)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -608,13 +601,9 @@ class Scorer:
 
     def __init__(self, ref: Ingredient, held: data.ImageSet, args, rt, bn: torch.Tensor | None):
         self.model, _ = models.load_model(ref.path, rt.device)  # rebuilt as models.py does it
-        if rt.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.images = held.images.to(rt.device)  # decoded once, on the device for the whole run
         self.labels = held.labels
-        meta = ref.meta
-        self.mean, self.std = meta.mean, meta.std
-        self.multi_label, self.task = meta.multi_label, meta.task
+        self.meta = ref.meta
         self.bn, self.args, self.rt, self.device = bn, args, rt, rt.device
         self.passes = 0
 
@@ -622,7 +611,8 @@ class Scorer:
         """Load `sd` into the model; re-estimate BN statistics when asked and enabled."""
         self.model.load_state_dict(sd)
         if recalib and self.bn is not None:
-            recalibrate_bn(self.model, self.bn, self.mean, self.std, self.args.batch_size, self.rt)
+            rt = replace(self.rt, eval_batch_size=self.args.batch_size)
+            recalibrate_bn(self.model, self.bn, self.meta.mean, self.meta.std, rt)
 
     def score(self, sd: dict | None = None, recalib: bool = True) -> dict:
         """Held-out metrics {"acc", "loss", "f1"|"label_acc"} of `sd` (None: model as loaded)."""
@@ -630,14 +620,7 @@ class Scorer:
             self.load(sd, recalib)
         self.passes += 1
         return train.evaluate(
-            self.model,
-            self.images,
-            self.labels,
-            self.mean,
-            self.std,
-            self.multi_label,
-            self.task,
-            **{**self.rt.predict_kw(), "quiet": True},
+            self.model, self.images, self.labels, self.meta, replace(self.rt, quiet=True)
         )
 
     def state(self, like: dict) -> dict:
@@ -701,7 +684,7 @@ def learned_weights(paths: Sequence[str], scorer: Scorer, args) -> list[float]:
             y = batch["y"]
             batch["loss"] = (
                 F.binary_cross_entropy_with_logits(out, y.float())
-                if scorer.multi_label
+                if scorer.meta.multi_label
                 else F.cross_entropy(out, y)
             )
         return out.detach()
@@ -712,16 +695,9 @@ def learned_weights(paths: Sequence[str], scorer: Scorer, args) -> list[float]:
         )
         batch["y"] = scorer.labels[idx].to(rt.device)
         images = scorer.images[idx.to(scorer.images.device)]
+        one_batch = replace(rt, eval_batch_size=len(images), quiet=True)
         train.predict(  # eval mode: BN uses the mixed running stats; dropout off
-            scorer.model,
-            images,
-            scorer.mean,
-            scorer.std,
-            len(images),
-            rt.device,
-            rt.amp,
-            rt.channels_last,
-            forward=mixed_forward,
+            scorer.model, images, scorer.meta.mean, scorer.meta.std, one_batch, mixed_forward
         )
         opt.zero_grad(set_to_none=True)
         batch.pop("loss").backward()

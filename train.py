@@ -711,10 +711,17 @@ class EMA:
 # Inference and evaluation (shared with soup.py and infer.py)
 
 
-def default_forward(model: nn.Module, x: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Probabilities for one batch: softmax, or sigmoid for multi-label."""
-    logits = model(x).float()
-    return torch.sigmoid(logits) if multi_label else logits.softmax(1)
+def probs_forward(multi_label: bool = False) -> Callable:
+    """The plain `forward(model, x)` for predict: softmax, or sigmoid for multi-label."""
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        return torch.sigmoid(logits) if multi_label else logits.softmax(1)
+
+    return forward
+
+
+CPU_FP32 = models.Runtime(torch.device("cpu"), "none", quiet=True)  # predict's default
 
 
 @torch.no_grad()
@@ -723,30 +730,32 @@ def predict(
     images: torch.Tensor,
     mean,
     std,
-    batch_size: int = 1024,
-    device: torch.device | str = "cpu",
-    amp: str | None = None,
-    channels_last: bool = False,
-    multi_label: bool = False,
-    forward=None,
-    quiet: bool = True,
+    rt: models.Runtime = CPU_FP32,
+    forward: Callable | None = None,
 ) -> torch.Tensor:
-    """Probabilities (CPU float32, N x K) for uint8 images; `forward(model, x)` can add TTA."""
-    device = torch.device(device)
-    forward = forward or (lambda m, x: default_forward(m, x, multi_label))
+    """Probabilities (CPU float32, N x K) for uint8 images: the one batch loop (normalise ->
+    channels_last -> autocast -> forward) in batches of rt.eval_batch_size on rt.device.
+    `forward(model, x)` defaults to probs_forward() (softmax) and can add TTA. With
+    rt.channels_last the model is put in channels-last too: inputs and weights in different
+    layouts ran 3.6x slower (smallnet_s, bf16, 2-core AMX CPU)."""
+    forward = forward or probs_forward()
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     out = []
-    for idx in progress(data.batch_indices(len(images), batch_size, False), quiet, desc="predict"):
-        x = data.normalize(images[idx].to(device, non_blocking=True), mean, std)
-        if channels_last:
+    batches = data.batch_indices(len(images), rt.eval_batch_size, False)
+    for idx in progress(batches, rt.quiet, desc="predict"):
+        x = data.normalize(images[idx].to(rt.device, non_blocking=True), mean, std)
+        if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with models.autocast(device, amp):
+        with models.autocast(rt.device, rt.amp):
             out.append(forward(model, x).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+@torch.no_grad()
 def metrics_from_probs(
     probs: torch.Tensor,
     labels: torch.Tensor,
@@ -782,41 +791,21 @@ def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    mean,
-    std,
-    multi_label: bool = False,
-    task: str = "classify",
-    heads: dict | None = None,
-    **kw,
+    meta: models.CheckpointMeta | dict,
+    rt: models.Runtime = CPU_FP32,
 ) -> dict:
-    """Metrics of a model on uint8 images (rotation task: rotation accuracy); `heads` (a
-    checkpoint's head name -> classes) adds each head's accuracy and macro-F1."""
+    """Metrics of a model on uint8 images, read as its metadata says (a CheckpointMeta, or a
+    checkpoint / meta dict): normalisation, label kind, task (rotation: rotation accuracy) and,
+    for a multi-head model, each head's accuracy and macro-F1."""
+    if isinstance(meta, dict):
+        meta = models.CheckpointMeta.from_checkpoint(meta)
     if len(images) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
-    if task == "rotation":
-        probs = predict(
-            model, images, mean, std, multi_label=False, forward=_rotation_forward, **kw
-        )
+    if meta.task == "rotation":
+        probs = predict(model, images, meta.mean, meta.std, rt, _rotation_forward)
         return metrics_from_probs(probs.reshape(-1, 4), torch.arange(4).repeat(len(images)), False)
-    probs = predict(model, images, mean, std, multi_label=multi_label, **kw)
-    return metrics_from_probs(probs, labels, multi_label, heads=heads)
-
-
-def evaluate_checkpoint(
-    model: nn.Module, ck: dict, images: torch.Tensor, labels: torch.Tensor, **kw
-) -> dict:
-    """evaluate() with the normalisation, label kind and task a checkpoint records."""
-    return evaluate(
-        model,
-        images,
-        labels,
-        ck["mean"],
-        ck["std"],
-        ck["multi_label"],
-        ck.get("task", "classify"),
-        heads=ck.get("heads"),
-        **kw,
-    )
+    probs = predict(model, images, meta.mean, meta.std, rt, probs_forward(meta.multi_label))
+    return metrics_from_probs(probs, labels, meta.multi_label, heads=meta.heads)
 
 
 def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -1648,9 +1637,8 @@ def _average_buffers(model: nn.Module, world: int) -> None:
 def _end_epoch(t: Training, epoch: int) -> dict:
     """Evaluate, log a metrics row, save best.pt / best_ema.pt, print the epoch line."""
     args, state, val, part = t.args, t.state, t.val_set, t.state.partial
-    kw = dict(multi_label=t.multi_label, task=args.task, **t.rt.predict_kw())
-    kw["heads"] = t.meta.get("heads")
-    m = evaluate(t.model, val.images, val.labels, t.meta["mean"], t.meta["std"], **kw)
+    meta = models.CheckpointMeta.from_checkpoint(t.meta)
+    m = evaluate(t.model, val.images, val.labels, meta, t.rt)
     row = {
         "epoch": epoch + 1,
         "train_loss": part["loss"] / max(1, part["n"]),
@@ -1662,7 +1650,7 @@ def _end_epoch(t: Training, epoch: int) -> dict:
     }
     row.update({f"val_{k}": v for k, v in m.items() if k not in ("loss", "acc")})
     if t.ema is not None:
-        me = evaluate(t.ema.module, val.images, val.labels, t.meta["mean"], t.meta["std"], **kw)
+        me = evaluate(t.ema.module, val.images, val.labels, meta, t.rt)
         row["ema_val_acc"] = me["acc"]
         row["ema_val_loss"] = me["loss"]
     if args.sched == "plateau":
@@ -1775,7 +1763,7 @@ def _eval_test(t: Training) -> dict:
     for key, name in (("test_acc", "best.pt"), ("ema_test_acc", "best_ema.pt")):
         if (t.run.path / name).exists():
             m, ck = models.load_model(t.run.path / name, t.rt.device)
-            r = evaluate_checkpoint(m, ck, test_set.images, test_set.labels, **t.rt.predict_kw())
+            r = evaluate(m, test_set.images, test_set.labels, ck, t.rt)
             out[key] = r["acc"]
     write_json(t.run.path / "test_metrics.json", out)
     return out
@@ -1795,7 +1783,7 @@ def eval_only(args) -> dict:
     if ck.get("task", "classify") == "classify":
         labels = data.map_labels(ds, ck["classes"], ck["multi_label"], args.eval_only)
     with Timer() as timer:
-        m = evaluate_checkpoint(model, ck, ds.images, labels, **rt.predict_kw())
+        m = evaluate(model, ds.images, labels, ck, rt)
     rows = [[k, v] for k, v in m.items()] + [
         ["images", len(ds)],
         ["images/s", round(len(ds) / max(timer.seconds, 1e-9))],
@@ -1843,7 +1831,7 @@ def block_features(
         return torch.cat(feats, 1)
 
     try:
-        out = predict(model, images, mean, std, forward=forward, **rt.predict_kw())
+        out = predict(model, images, mean, std, rt, forward)
     finally:
         for h in hooks:
             h.remove()

@@ -18,6 +18,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,8 @@ def run_one(root: Path, out: Path, name: str, extra: list[str], args) -> dict:
     # 18-class argmax (the submission's ans), for both models
     model, ck = models.load_model(out / name / "best.pt")
     val, _ = data.load_split(root, "val", val_ratio=0.2, split_seed=0)
-    m = train.evaluate(model, val.images, val.labels, ck["mean"], ck["std"], heads=data.MASK_HEADS)
+    meta = replace(models.CheckpointMeta.from_checkpoint(ck), heads=data.MASK_HEADS)
+    m = train.evaluate(model, val.images, val.labels, meta)
     return {**m, "seconds": seconds, "flags": " ".join(flags[4:])}
 
 

@@ -142,9 +142,9 @@ def main(argv=None) -> dict:
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         images = val.images.to(device)
-        kw = dict(batch_size=args.eval_batch_size, device=device, channels_last=args.channels_last)
+        rt = models.Runtime(device, "none", args.channels_last, args.eval_batch_size, quiet=True)
         t0 = time.perf_counter()
-        train.evaluate(model, images, val.labels, ck["mean"], ck["std"], **kw)
+        train.evaluate(model, images, val.labels, ck, rt)
         sync(device)
         one_eval = time.perf_counter() - t0
         t0 = time.perf_counter()

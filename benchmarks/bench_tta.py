@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,21 +69,22 @@ def main(argv=None) -> dict:
     images = torch.randint(0, 256, (args.n, 1, args.size, args.size), dtype=torch.uint8)
     views = infer.tta_views(args.tta)
     k, b = len(views), args.batch_size
-    kw = dict(mean=[0.5], std=[0.25], device=device, amp=args.amp, channels_last=args.channels_last)
+    rt = models.Runtime(device, models.resolve_amp(device, args.amp), args.channels_last, b, True)
+    big = replace(rt, eval_batch_size=k * b)
     tta, naive = infer.tta_forward(views), loop_forward(views)
     # name -> (input images, predict call); big's input is the k-times repeated set, made once
     variants = {
         "ours (1 stacked forward)": (
             images,
-            lambda x: train.predict(model, x, batch_size=b, forward=tta, **kw),
+            lambda x: train.predict(model, x, [0.5], [0.25], rt, tta),
         ),
         f"loop ({k} forwards)": (
             images,
-            lambda x: train.predict(model, x, batch_size=b, forward=naive, **kw),
+            lambda x: train.predict(model, x, [0.5], [0.25], rt, naive),
         ),
         f"big (1 forward, {k}x batch)": (
             images.repeat(k, 1, 1, 1),
-            lambda x: train.predict(model, x, batch_size=k * b, **kw),
+            lambda x: train.predict(model, x, [0.5], [0.25], big),
         ),
     }
     for x, fn in variants.values():  # warm-up: allocator, kernels, cudnn autotune

@@ -555,12 +555,13 @@ def calibrate(args, info: DataInfo, work: Path, timm_data: Path, threads: int, e
 
 def ours_test_timeline(side: Side, data_path: str, test) -> tuple[dict, dict]:
     """{epoch: {'model': acc, 'ema': acc}} from the last.pt snapshots, and args.json."""
+    import torch
+
     import models
     import train
 
     targs = json.loads((side.run_dir / "args.json").read_text())
-    kw = dict(batch_size=1024, device="cpu", amp=targs.get("amp", "none"), channels_last=True,
-              quiet=True)  # fmt: skip
+    rt = models.Runtime(torch.device("cpu"), targs.get("amp", "none"), True, quiet=True)
     out = {}
     for snap in side.snaps:  # EMA weights: only last.pt has them (snapshots caught by polling)
         ck = models.load_checkpoint(snap)
@@ -568,30 +569,31 @@ def ours_test_timeline(side: Side, data_path: str, test) -> tuple[dict, dict]:
         if st.get("batch", 0) == 0 and "ema_state_dict" in ck:  # not saved mid-epoch
             model = models.model_from_checkpoint(ck).eval()
             model.load_state_dict(ck["ema_state_dict"])
-            acc = train.evaluate_checkpoint(model, ck, test.images, test.labels, **kw)["acc"]
+            acc = train.evaluate(model, test.images, test.labels, ck, rt)["acc"]
             out.setdefault(int(st["epoch"]), {})["ema"] = acc
         snap.unlink()
     for path in sorted(side.run_dir.glob("epoch_*.pt")):  # every epoch, from --checkpoint-hist
         model, ck = models.load_model(path)
         epoch = int(path.stem.split("_")[1])
-        acc = train.evaluate_checkpoint(model.eval(), ck, test.images, test.labels, **kw)["acc"]
+        acc = train.evaluate(model.eval(), test.images, test.labels, ck, rt)["acc"]
         out.setdefault(epoch, {})["model"] = acc
     return out, targs
 
 
 def ours_final(side: Side, test, targs: dict) -> dict:
     """train.py's own --eval-test result; evaluated here when the side was interrupted."""
+    import torch
+
     import models
     import train
 
     summary_p = side.run_dir / "summary.json"
     s = json.loads(summary_p.read_text()) if summary_p.exists() else {}
-    kw = dict(batch_size=1024, device="cpu", amp=targs.get("amp", "none"), channels_last=True,
-              quiet=True)  # fmt: skip
+    rt = models.Runtime(torch.device("cpu"), targs.get("amp", "none"), True, quiet=True)
     for key, name in (("test_acc", "best.pt"), ("ema_test_acc", "best_ema.pt")):
         if key not in s and (side.run_dir / name).exists():
             m, ck = models.load_model(side.run_dir / name)
-            s[key] = train.evaluate_checkpoint(m, ck, test.images, test.labels, **kw)["acc"]
+            s[key] = train.evaluate(m, test.images, test.labels, ck, rt)["acc"]
     vals = [r for _, r in side.rows]
     best_val = max((r["val_acc"] for r in vals), default=float("nan"))
     best_ema = max((r.get("ema_val_acc", -1) for r in vals), default=-1)

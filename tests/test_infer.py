@@ -18,6 +18,7 @@ import train
 import vote
 
 MEAN, STD = [0.2], [0.3]
+RT4 = models.Runtime(torch.device("cpu"), "none", eval_batch_size=4, quiet=True)
 CLS = ["cat", "dog", "owl"]
 
 
@@ -65,10 +66,26 @@ def run_cli(argv, capsys):
 
 def test_identity_view_equals_plain_inference():
     model, x = tiny_model(), rand_images()
-    plain = train.predict(model, x, MEAN, STD, batch_size=4)
+    plain = train.predict(model, x, MEAN, STD, RT4)
     assert infer.tta_views("none") == [infer.IDENTITY]
-    tta = train.predict(model, x, MEAN, STD, 4, forward=infer.tta_forward([infer.IDENTITY]))
+    tta = train.predict(model, x, MEAN, STD, RT4, infer.tta_forward([infer.IDENTITY]))
     assert torch.equal(plain, tta)
+
+
+def test_predict_puts_the_model_in_the_runtime_layout_and_batches():
+    """A channels-last runtime converts the model too (mixed layouts are the slow path); the
+    probabilities do not depend on the layout or on the batch size."""
+    model, x = tiny_model(), rand_images()
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = train.predict(model, x, MEAN, STD, RT4)
+    cl = models.Runtime(torch.device("cpu"), "none", channels_last=True, eval_batch_size=3)
+    got = train.predict(model, x, MEAN, STD, cl)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert got.shape == plain.shape and torch.allclose(got, plain, atol=1e-6)
+    sig = train.predict(model, x, MEAN, STD, RT4, train.probs_forward(multi_label=True))
+    assert not torch.allclose(sig.sum(1), torch.ones(len(x)))  # sigmoid, not softmax
+    assert torch.allclose(plain.sum(1), torch.ones(len(x)), atol=1e-5)
 
 
 class FlipInvariant(nn.Module):
@@ -82,12 +99,12 @@ class FlipInvariant(nn.Module):
 
 def test_flip_tta_of_flip_invariant_model_equals_plain():
     model, x = FlipInvariant(tiny_model()).eval(), rand_images()
-    plain = train.predict(model, x, MEAN, STD, batch_size=4)
+    plain = train.predict(model, x, MEAN, STD, RT4)
     fwd = infer.tta_forward(infer.tta_views("flip"))
-    assert torch.allclose(train.predict(model, x, MEAN, STD, 4, forward=fwd), plain, atol=1e-6)
+    assert torch.allclose(train.predict(model, x, MEAN, STD, RT4, fwd), plain, atol=1e-6)
     # a model that is not flip-invariant does change under flip TTA
-    other = train.predict(tiny_model(), x, MEAN, STD, 4, forward=fwd)
-    assert not torch.allclose(other, train.predict(tiny_model(), x, MEAN, STD, 4), atol=1e-6)
+    other = train.predict(tiny_model(), x, MEAN, STD, RT4, fwd)
+    assert not torch.allclose(other, train.predict(tiny_model(), x, MEAN, STD, RT4), atol=1e-6)
 
 
 def test_every_view_has_an_inverse():
@@ -150,7 +167,7 @@ def test_one_stacked_forward_per_batch():
     model, x = CountingModel(tiny_model()), rand_images(10)
     views = infer.tta_views("flip,shift")
     assert len(views) == 6
-    p = train.predict(model, x, MEAN, STD, 4, forward=infer.tta_forward(views, "gmean"))
+    p = train.predict(model, x, MEAN, STD, RT4, infer.tta_forward(views, "gmean"))
     assert model.calls == [24, 24, 12]  # 3 batches of B=4,4,2 images, 6 views each, one call
     assert p.shape == (10, 3) and torch.allclose(p.sum(1), torch.ones(10), atol=1e-5)
 
@@ -336,17 +353,17 @@ def test_rot90_tta_is_exact():
     # a rotation-invariant model: the 4-view mean is the plain prediction
     torch.manual_seed(1)
     inv = RotInvariant(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(392, 3))).eval()
-    plain = train.predict(inv, x, MEAN, STD, batch_size=4)
-    assert torch.allclose(train.predict(inv, x, MEAN, STD, 4, forward=fwd), plain, atol=1e-6)
+    plain = train.predict(inv, x, MEAN, STD, RT4)
+    assert torch.allclose(train.predict(inv, x, MEAN, STD, RT4, fwd), plain, atol=1e-6)
     # a model that sees orientation: the mean of its softmax on each rotated copy, by hand
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 3)).eval()
     z = (x.float() / 255 - MEAN[0]) / STD[0]
     with torch.no_grad():
         hand = sum(model(torch.rot90(z, k, (2, 3))).softmax(1) for k in range(4)) / 4
-    got = train.predict(model, x, MEAN, STD, 4, forward=fwd)
+    got = train.predict(model, x, MEAN, STD, RT4, fwd)
     assert torch.allclose(got, hand, atol=1e-5)
-    assert not torch.allclose(got, train.predict(model, x, MEAN, STD, 4), atol=1e-4)
+    assert not torch.allclose(got, train.predict(model, x, MEAN, STD, RT4), atol=1e-4)
 
 
 def test_bad_confusion_path_leaves_no_outputs(tiny_idx, tmp_path, capsys):

@@ -148,7 +148,9 @@ def test_recalibrate_bn_is_the_plain_average_over_batches():
     model[1].running_mean.fill_(5.0)
     model.eval()
     images = torch.randint(0, 256, (12, 1, 4, 4), dtype=torch.uint8)
-    n_bn = soup.recalibrate_bn(model, images, [0.0], [1.0], batch_size=4)
+    n_bn = soup.recalibrate_bn(
+        model, images, [0.0], [1.0], replace(train.CPU_FP32, eval_batch_size=4)
+    )
     x = images.float() / 255
     assert n_bn == 1 and not model[1].training and model[1].momentum == 0.1  # restored
     assert model[1].running_mean.item() == pytest.approx(x.mean().item(), abs=1e-6)
@@ -276,7 +278,7 @@ def test_cli_bn_recalib_changes_bn_stats(ing, tmp_path):
     # the saved soup (with its re-estimated stats) scores what it records
     val, _ = data.load_split(ing.data, "val", val_ratio=0.25, cache_dir=ing.cache)
     model, _ = models.load_model(tmp_path / "bn" / "uniform_soup.pt")
-    m = train.evaluate(model, val.images, val.labels, bn["mean"], bn["std"])
+    m = train.evaluate(model, val.images, val.labels, bn)
     assert m["acc"] == pytest.approx(bn["metrics"]["val_acc"])
     steps = rows(tmp_path / "bn" / "greedy.jsonl")
     assert all("val_f1" in r and "soup_val_f1" in r for r in steps)
