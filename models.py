@@ -433,22 +433,23 @@ def resolve_amp(device: str | torch.device, amp: str | None) -> str:
     return "none"
 
 
-# --model when not given: the wider smallnet where low precision is fast, and for short runs,
-# where it learns more per step (3,000 letters x 3 epochs in fp32: 84.4% test in 35 s against
-# smallnet_t's 64.0% in 12 s); otherwise smallnet_t, with about a seventh of smallnet's
-# multiply-adds (11M against 78M at 28 px), in fp32 the soonest to a given accuracy
-# (Fashion-MNIST, torch's kernels limited to AVX2: 92.0% test in 225 s, smallnet_s 318 s;
-# README "Which precision and model `auto` picks").
-DEFAULT_ARCH_FAST, DEFAULT_ARCH_FP32 = "smallnet", "smallnet_t"
+# --model when not given, by device, precision and run length (README "Which precision and
+# model `auto` picks"). GPUs and short runs: the wide smallnet, which learns more per step
+# (3,000 letters x 3 epochs in fp32: 84.4% test in 35 s against smallnet_t's 64.0% in 12 s).
+# CPU with bf16 (AMX): smallnet_s, ahead at equal time (Fashion-MNIST, 2-core Xeon with AMX:
+# 16 epochs 94.1% test in 347 s against smallnet's 5 epochs 93.4% in 302 s). CPU in fp32:
+# smallnet_t, a seventh of smallnet's multiply-adds (11M against 78M at 28 px), the soonest to
+# a given accuracy (torch's kernels limited to AVX2: 92.0% test in 225 s, smallnet_s 318 s).
+DEFAULT_ARCH_FAST, DEFAULT_ARCH_BF16_CPU, DEFAULT_ARCH_FP32 = "smallnet", "smallnet_s", "smallnet_t"
 SHORT_RUN_IMAGES = 50_000  # training images seen (images x epochs) below which a run is short
 
 
 def default_arch(device: str | torch.device, amp: str, images_seen: int | None = None) -> str:
     """The default --model for this device, --amp (auto is resolved here) and run length."""
     device = torch.device(device)
-    fast = device.type != "cpu" or resolve_amp(device, amp) != "none"
-    short = images_seen is not None and images_seen < SHORT_RUN_IMAGES
-    return DEFAULT_ARCH_FAST if fast or short else DEFAULT_ARCH_FP32
+    if device.type != "cpu" or (images_seen is not None and images_seen < SHORT_RUN_IMAGES):
+        return DEFAULT_ARCH_FAST
+    return DEFAULT_ARCH_FP32 if resolve_amp(device, amp) == "none" else DEFAULT_ARCH_BF16_CPU
 
 
 def cpu_has_fast_bf16(flags: Sequence[str] | None = None, capability: str | None = None) -> bool:

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a run (the old one stays until the end)"
     )
     g.add_argument("--eval-test", action="store_true", help="also evaluate on the test part")
+    g.add_argument(
+        "--eval-tta",
+        default="auto",
+        metavar="VIEWS",
+        help="--eval-test also reports test accuracy under these TTA views (infer.py --tta "
+        "names, e.g. flip); auto: flip when --aug has flip, else none",
+    )
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint")
     g.add_argument(
         "--split", choices=data.SPLITS, default="val", help="--eval-only: the part to evaluate"
@@ -278,6 +285,20 @@ def _augmentation_flags(g) -> None:
         "for glyph data (synth.py letters/dirty, pixel CSVs: not mirror-invariant)",
     )
     g.add_argument("--pad", type=int_range(0, 256), default=2, help="crop: pad before the crop")
+    g.add_argument(
+        "--prog-resize",
+        type=int_range(0, 4096),
+        default=0,
+        metavar="PX",
+        help="progressive resizing: the first epochs train on images resized to PX (height; "
+        "width in proportion), growing linearly to the full size by --prog-until; 0 = off",
+    )
+    g.add_argument(
+        "--prog-until",
+        type=fraction,
+        default=0.5,
+        help="fraction of the epochs after which --prog-resize trains at the full size",
+    )
     g.add_argument("--mix", choices=["none", "cutmix", "mixup"], default="none")
     g.add_argument("--mix-alpha", type=positive_float, default=1.0, help="Beta(alpha, alpha)")
     g.add_argument("--mix-prob", type=probability, default=0.5, help="fraction of batches mixed")
@@ -437,6 +458,8 @@ def check_flags(args) -> None:
         args.rotations = "one"  # resolved here, so a resume compares what the run did
     if args.eval_test and args.task == "rotation" and not (args.eval_only or args.linear_eval):
         raise UserError("--eval-test: a --task rotation run has no test accuracy; drop one of them")
+    if args.eval_tta != "auto":
+        eval_tta_forward(args, [])  # an unknown view name: UserError before anything is written
     if args.nonlinear and not args.linear_eval:
         raise UserError("--nonlinear: only with --linear-eval CKPT; add it or drop --nonlinear")
     for flag in ("eval_only", "linear_eval", "resume", "weights"):
@@ -1045,6 +1068,7 @@ RESUME_KEYS = (
     "weight_decay", "sched", "min_lr_ratio", "milestones", "gamma", "epochs",
     "clip_grad", "ema", "loss", "smoothing", "aug", "pad", "mix", "mix_alpha", "mix_prob",
     "drop", "drop_path", "random_seed", "labels_per_class", "oversample", "img_size", "in_chans",
+    "prog_resize", "prog_until",
 )  # fmt: skip
 
 
@@ -1208,6 +1232,11 @@ def _prepare(args, hooks: FitHooks) -> Training:
     multi_label = train_set.multi_label and not rotation
     num_classes = 4 if rotation else len(train_set.classes)
     in_chans, img_hw = train_set.images.shape[1], list(train_set.images.shape[2:])
+    if args.prog_resize and not 8 <= args.prog_resize < img_hw[0]:
+        raise UserError(
+            f"--prog-resize {args.prog_resize}: must be 8 or more and below the training height "
+            f"({img_hw[0]} px); use e.g. {max(8, img_hw[0] * 2 // 3)}, or 0 for off"
+        )
     mean, std = _normalisation(args, train_set, in_chans)
     loss_fn = _build_loss(args, multi_label)
     if getattr(args, "heads", None):
@@ -1327,12 +1356,14 @@ def default_model(args, rt: models.Runtime, images_seen: int) -> str:
     if args.model is not None:
         return ""
     args.model = models.default_arch(rt.device, rt.amp, images_seen)
-    if rt.amp != "none" or rt.device.type != "cpu":
-        why = f"{rt.amp} on {rt.device.type}"
+    precision = "fp32" if rt.amp == "none" else rt.amp
+    if rt.device.type != "cpu":
+        why = f"{precision} on {rt.device.type}"
     elif images_seen < models.SHORT_RUN_IMAGES:
-        why = f"fp32 on cpu, a short run: {images_seen} < {models.SHORT_RUN_IMAGES} images seen"
+        why = f"{precision} on cpu, a short run: {images_seen} < {models.SHORT_RUN_IMAGES} images"
+        why += " seen"
     else:
-        why = f"fp32 on cpu, {images_seen} images seen"
+        why = f"{precision} on cpu, {images_seen} images seen"
     return f", model {args.model} (auto: {why})"
 
 
@@ -1581,12 +1612,28 @@ def _epoch_batches(t: Training, epoch: int) -> list[torch.Tensor]:
     return batches[: t.steps_per_epoch * t.args.accum_steps]
 
 
+def prog_size(epoch: int, args, full_hw) -> tuple[int, int]:
+    """Training (height, width) of `epoch` (0-based) under --prog-resize PX: PX at the first
+    epoch, growing linearly to the full size at --prog-until x epochs (full from then on),
+    heights rounded down to a multiple of 4 (a few kernel shapes), width in proportion."""
+    h, w = int(full_hw[0]), int(full_hw[1])
+    ramp = args.prog_until * args.epochs
+    if not args.prog_resize or epoch >= ramp:
+        return h, w
+    px = args.prog_resize + (h - args.prog_resize) * epoch / ramp
+    px = max(args.prog_resize, int(px) // 4 * 4)
+    return (h, w) if px >= h else (px, max(1, round(w * px / h)))
+
+
 def _train_step(t: Training, x_u8: torch.Tensor, y: torch.Tensor, b: int) -> float:
     """One forward/backward on a batch; steps the optimizer every --accum-steps batches."""
     args = t.args
     x = data.normalize(x_u8, t.meta["mean"], t.meta["std"])
     if t.aug:
         x = data.augment_batch(x, t.aug, t.aug_gen, pad=args.pad)
+    hw = prog_size(t.state.epoch, args, x.shape[-2:])
+    if hw != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
     if args.task == "rotation":
         x, y = data.rotate_batch(x, None if args.rotations == "all" else t.aug_gen)
         y = y.to(t.rt.device)
@@ -1669,6 +1716,9 @@ def _end_epoch(t: Training, epoch: int) -> dict:
     extra = f"  ema {row['ema_val_acc']:.4f}" if t.ema is not None else ""
     f1 = f"  f1 {row['val_f1']:.4f}" if "val_f1" in row else ""
     f1 += _heads_text(row, t.meta.get("heads"))  # --heads: "  mask acc/f1  gender ..."
+    hw = prog_size(epoch, args, t.meta["img_size"])
+    if hw != tuple(t.meta["img_size"]):  # --prog-resize: the size this epoch trained at
+        extra += f"  at {hw[0]}px"
     print(
         f"epoch {epoch + 1:3d}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
         f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}{f1}{extra}  "
@@ -1738,9 +1788,15 @@ def _finish(t: Training) -> dict:
                           f"{best[f'val_{h}_f1']:.4f}"])  # fmt: skip
     if t.ema is not None:
         table.append(["best EMA val acc", summary["best_ema_val_acc"]])
-    for k in ("test_acc", "ema_test_acc"):
+    tta = (t.args.eval_tta if t.args.eval_tta != "auto" else "flip") + " TTA"
+    for k in ("test_acc", "tta_test_acc", "ema_test_acc", "ema_tta_test_acc"):
         if k in summary:
-            table.append([k.replace("_", " "), summary[k]])
+            table.append(
+                [
+                    k.replace("tta_", "").replace("_", " ") + (f", {tta}" if "tta" in k else ""),
+                    summary[k],
+                ]
+            )
     table += [
         ["train time (s)", summary["train_seconds"]],
         ["images/s (last epoch)", summary["images_per_s"]],
@@ -1748,6 +1804,22 @@ def _finish(t: Training) -> dict:
     ]
     print(format_table(table, ["result", "value"]))
     return summary
+
+
+def eval_tta_forward(args, aug: list[str], multi_label: bool = False) -> Callable | None:
+    """predict's forward for the TTA views --eval-test also reports (--eval-tta; auto: flip
+    if trained with flips); None for none. check_flags calls it, so a bad name fails before
+    anything is written."""
+    import infer  # infer imports train: imported when used
+
+    spec = args.eval_tta
+    if spec == "auto":
+        spec = "flip" if "flip" in aug else "none"
+    try:
+        views = infer.tta_views(spec)
+    except UserError as e:  # infer.py names its own flag
+        raise UserError(f"--eval-{str(e).removeprefix('--')}") from None
+    return None if views == [infer.IDENTITY] else infer.tta_forward(views, "mean", multi_label)
 
 
 def _eval_test(t: Training) -> dict:
@@ -1760,11 +1832,17 @@ def _eval_test(t: Training) -> dict:
         return out
     if not test_set.has_labels:
         return out
+    ml = t.meta["multi_label"]
+    tta = eval_tta_forward(t.args, t.aug, ml)
     for key, name in (("test_acc", "best.pt"), ("ema_test_acc", "best_ema.pt")):
         if (t.run.path / name).exists():
             m, ck = models.load_model(t.run.path / name, t.rt.device)
-            r = evaluate(m, test_set.images, test_set.labels, ck, t.rt)
-            out[key] = r["acc"]
+            out[key] = evaluate(m, test_set.images, test_set.labels, ck, t.rt)["acc"]
+            if tta:  # the same checkpoint, its views' probabilities averaged (infer.py --tta)
+                probs = predict(m, test_set.images, ck["mean"], ck["std"], t.rt, tta)
+                out[key.replace("test", "tta_test")] = metrics_from_probs(
+                    probs, test_set.labels, ml
+                )["acc"]
     write_json(t.run.path / "test_metrics.json", out)
     return out
 

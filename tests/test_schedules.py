@@ -184,7 +184,9 @@ def test_fast_bf16_needs_amx_and_avx512_kernels():
 def test_default_model_follows_the_precision_and_the_run_length(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: False)
     assert models.default_arch("cpu", "auto") == "smallnet_t"  # auto -> fp32 -> the thin net
-    assert models.default_arch("cpu", "bf16") == "smallnet"
+    assert models.default_arch("cpu", "bf16") == "smallnet_s"  # bf16 given: the middle net
+    assert models.default_arch("cpu", "bf16", 8100) == "smallnet"  # short: the wide net
+    assert models.default_arch("cuda", "none", 10**6) == "smallnet"  # GPUs: the wide net
     assert models.default_arch("cpu", "none", 54000 * 4) == "smallnet_t"
     assert models.default_arch("cpu", "none", 2700 * 3) == "smallnet"  # short: the wide net
     assert models.default_arch("cpu", "none", models.SHORT_RUN_IMAGES) == "smallnet_t"
@@ -204,10 +206,12 @@ def test_default_model_follows_the_precision_and_the_run_length(monkeypatch):
     a = argparse.Namespace(model="resnet18")
     assert train.default_model(a, rt, 8100) == "" and a.model == "resnet18"  # given: kept
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: True)
-    assert models.default_arch("cpu", "auto", 10**6) == "smallnet"
+    assert models.default_arch("cpu", "auto", 10**6) == "smallnet_s"
     rt = models.Runtime(device=torch.device("cpu"), amp="bf16")
     a = argparse.Namespace(model=None)
-    assert train.default_model(a, rt, 10**6) == ", model smallnet (auto: bf16 on cpu)"
+    assert train.default_model(a, rt, 10**6) == (
+        ", model smallnet_s (auto: bf16 on cpu, 1000000 images seen)"
+    )
 
 
 def test_default_model_in_the_cli_and_the_run_name(idx200, tmp_path, capsys, monkeypatch):
@@ -220,3 +224,72 @@ def test_default_model_in_the_cli_and_the_run_name(idx200, tmp_path, capsys, mon
                          "(auto: fp32 on cpu, a short run: 180 < 50000 images seen)")  # fmt: skip
     a = json.loads((tmp_path / "smallnet_classify" / "args.json").read_text())
     assert a["model"] == "smallnet"
+
+
+# ---------------------------------------------------------------------------
+# Issue 16.2: progressive resizing (--prog-resize)
+
+
+def test_prog_size_hand_computed():
+    a = argparse.Namespace(prog_resize=16, prog_until=0.5, epochs=18)
+    # ramp of 9 epochs: 16 + 12 e / 9 px, rounded down to a multiple of 4, never below 16
+    got = [train.prog_size(e, a, (28, 28))[0] for e in range(18)]
+    assert got == [16, 16, 16, 20, 20, 20, 24, 24, 24] + [28] * 9
+    assert train.prog_size(0, a, (28, 42)) == (16, 24)  # width in proportion
+    a.prog_until = 0.0
+    assert train.prog_size(0, a, (28, 28)) == (28, 28)
+    a.prog_until, a.prog_resize = 0.5, 0
+    assert train.prog_size(0, a, (28, 28)) == (28, 28)  # off
+
+
+def test_prog_resize_in_the_cli(idx200, tmp_path, capsys):
+    """4 epochs from 8 px: epoch 1 at 8, epoch 2 at 12 (said in the epoch line), then the full 16;
+    the run still learns the bars; a size not below the image height is one line, exit 2."""
+    argv = ["--data", str(idx200), "--out", str(tmp_path), "--epochs", "4", "--batch-size", "16",
+            "--prog-resize", "8", *FAST]  # fmt: skip
+    train.main([*argv, "--name", "prog"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
+    assert "at 8px" in lines[0] and "at 12px" in lines[1]
+    assert all("px" not in ln.split("lr")[0] for ln in lines[2:])
+    rows = read_jsonl(tmp_path / "prog" / "metrics.jsonl")
+    assert rows[-1]["val_acc"] > 0.9  # 3 classes: chance is 0.33
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--name", "bad", "--prog-resize", "16"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--prog-resize 16" in err and "below the training height (16 px)" in err
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------
+# Issue 16.3: --eval-test also reports flip TTA (--eval-tta auto)
+
+
+def test_eval_test_reports_flip_tta_as_infer_computes_it(tmp_path, capsys):
+    import infer
+
+    root = tmp_path / "d"
+    x, y = make_patterns(200)
+    write_idx(root, "train", x, y)
+    xt, yt = make_patterns(60, seed=1)
+    write_idx(root, "test", xt, yt)
+    argv = ["--data", str(root), "--out", str(tmp_path), "--epochs", "2", "--batch-size", "16",
+            "--eval-test", *FAST]  # fmt: skip
+    train.main([*argv, "--name", "flip", "--aug", "flip,crop"])
+    tm = json.loads((tmp_path / "flip" / "test_metrics.json").read_text())
+    assert set(tm) == {"test_acc", "tta_test_acc"}
+    assert "test acc, flip TTA" in capsys.readouterr().out
+    # the number infer.py gives for the same checkpoint and views
+    model, ck = models.load_model(tmp_path / "flip" / "best.pt")
+    test, _ = train.data.load_split(str(root), "test")
+    fwd = infer.tta_forward(infer.tta_views("flip"))
+    probs = train.predict(model, test.images, ck["mean"], ck["std"], forward=fwd)
+    want = train.metrics_from_probs(probs, test.labels, False)["acc"]
+    assert tm["tta_test_acc"] == pytest.approx(want)
+    train.main([*argv, "--name", "crop", "--aug", "crop"])  # auto: no flips trained, no TTA
+    tm = json.loads((tmp_path / "crop" / "test_metrics.json").read_text())
+    assert set(tm) == {"test_acc"}
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--name", "bad", "--eval-tta", "flop"])
+    assert e.value.code == 2 and "--eval-tta flop: unknown view" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
