@@ -603,6 +603,7 @@ def ours_final(side: Side, test, targs: dict) -> dict:
         "acc": s.get("ema_test_acc" if use_ema else "test_acc"),
         "test_acc": s.get("test_acc"),
         "ema_test_acc": s.get("ema_test_acc"),
+        "tta": s.get("ema_tta_test_acc" if use_ema else "tta_test_acc"),  # --eval-tta auto
     }
 
 
@@ -723,6 +724,8 @@ def report(
     t_note = "interrupted at 1.1x budget" if timm.stopped else "last epoch's eval_top1"
     fin = ours_fin
     o_acc = f"{_f(fin['acc'])} ({fam}; model {_f(fin['test_acc'])}, EMA {_f(fin['ema_test_acc'])})"
+    if fin.get("tta") is not None:  # train.py's --eval-tta (auto: flip) on the same weights
+        o_acc += f"; with flip TTA {_f(fin['tta'])}"
     o_cmd = "train.py --data DATA --eval-test --epochs " + str(epochs["ours"])
     o_cmd += (" " + args.ours_args) if args.ours_args else ""
     t_cmd = f"timm train.py, README flags, --epochs {epochs['timm']}"
