@@ -801,10 +801,24 @@ def check_inputs(args) -> tuple[list[str], list[str]]:
     )
 
 
+def default_model(extra_o: list[str], info: DataInfo) -> str:
+    """train.py's default --model for a run of at least 2 epochs on the whole training part:
+    the 2-epoch speed measurement on a subset is a short run, for which train.py would pick
+    another net (models.default_arch)."""
+    import models
+
+    amp = extra_o[extra_o.index("--amp") + 1] if "--amp" in extra_o[:-1] else "auto"
+    return models.default_arch("cpu", amp, 2 * info.n_train)
+
+
 def run(args) -> str:
     extra_o, extra_t = check_inputs(args)
     args.code_version = code_version()  # before the runs: what ours ran
     info, full, test = inspect_data(args.data)
+    if "--model" not in extra_o:  # the default model of the real run, for the measurement too
+        arch = default_model(extra_o, info)
+        extra_o = [*extra_o, "--model", arch]
+        args.ours_args = f"{args.ours_args} --model {arch} (the default)".strip()
     threads = max(1, args.threads // 2) if args.concurrent else args.threads
     tmp = tempfile.TemporaryDirectory(prefix="bench_vs_timm_") if not args.keep else None
     work = Path(tmp.name) if tmp else Path(args.keep)

@@ -94,6 +94,16 @@ def test_time_to_reach_and_ratio():
     assert bvt.speed_ratio([], timm)["ratio"] is None
 
 
+def test_measurement_uses_the_real_runs_default_model():
+    """The 2-epoch speed measurement on a subset is a short run, for which train.py would pick
+    smallnet; the measurement and the real run are given the real run's default."""
+    info = bvt.DataInfo(54000, 6000, 60000, 10000, 10, (28, 28), 0.3, 0.35)
+    assert bvt.default_model(["--amp", "none"], info) == "smallnet_t"
+    assert bvt.default_model(["--amp", "bf16"], info) == "smallnet_s"
+    small = bvt.DataInfo(900, 100, 1000, 100, 10, (28, 28), 0.3, 0.35)
+    assert bvt.default_model(["--amp", "none"], small) == "smallnet"  # short: the wide net
+
+
 def test_epochs_that_fit():
     assert bvt.epochs_that_fit(600, 20, 190) == 3  # 20 + 3 * 190 = 590 <= 600
     assert bvt.epochs_that_fit(600, 20, 580) == 1
