@@ -397,8 +397,19 @@ def _labels_in(ds: data.ImageSet, meta: models.CheckpointMeta, source: str) -> t
 # Prediction
 
 
-def ensemble_predict(args, ckpts: Sequence[Member], path: str, split: str, views, rt):
+class Job(NamedTuple):
+    """What every prediction of one infer.py run shares."""
+
+    args: argparse.Namespace
+    ckpts: Sequence[Member]
+    path: str  # the data
+    views: list[View]
+    rt: models.Runtime
+
+
+def ensemble_predict(job: Job, split: str):
     """(ImageSet, N x K probabilities, split, seconds): weighted mean of TTA probs."""
+    args, ckpts, path, views, rt = job
     sets: dict[tuple, data.ImageSet] = {}
     probs = []
     seconds = 0.0
@@ -712,11 +723,12 @@ def run(args) -> dict:
     if args.split in ("train", "val") or args.tune_threshold:
         _check_same_split(ckpts)
 
-    ds, probs, split, seconds = ensemble_predict(args, ckpts, path, args.split, views, rt)
+    job = Job(args, ckpts, path, views, rt)
+    ds, probs, split, seconds = ensemble_predict(job, args.split)
     result: dict = {"split": split, "images": len(ds), "views": [v.name for v in views]}
     tuned = None
     if args.tune_threshold:
-        thresholds, tuned, s2 = tune_on_val(args, ckpts, path, split, ds, probs, views, rt)
+        thresholds, tuned, s2 = tune_on_val(job, split, ds, probs)
         seconds += s2
         result["thresholds"] = {k: tuned[k] for k in ("at_0.5", "tuned", "file")}
 
@@ -765,21 +777,23 @@ def run(args) -> dict:
         images_per_s=len(ds) / max(seconds, 1e-9),
         checkpoints=[c.path for c in ckpts],
     )
-    _print_summary(args, ckpts, views, ds, split, result, time.perf_counter() - t_start)
+    _print_summary(job, ds, result, time.perf_counter() - t_start)
     return result
 
 
-def tune_on_val(args, ckpts, path, split, ds, probs, views, rt):
-    """Per-class thresholds tuned on the checkpoints' val split (written beside --out later).
+def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
+    """Per-class thresholds tuned on the checkpoints' val split (written beside --out later);
+    `ds` / `probs` are the predicted `split`'s, reused when it is val.
 
     Returns (thresholds, {"at_0.5", "tuned", "file", "record"}, extra prediction seconds).
     """
+    args, ckpts, path, views, _ = job
     classes = list(ckpts[0].meta.classes)
     seconds = 0.0
     if split == "val":
         vs, vp = ds, probs
     else:
-        vs, vp, _, seconds = ensemble_predict(args, ckpts, path, "val", views, rt)
+        vs, vp, _, seconds = ensemble_predict(job, "val")
     vy = _labels_in(vs, ckpts[0].meta, ckpts[0].path)
     if vy is None or len(vs) == 0:
         raise UserError(f"{path}: the val split has no labels; cannot tune thresholds")
@@ -813,7 +827,8 @@ def _macro_f1_at(probs, labels, thresholds) -> float:
     return macro_f1((np.asarray(labels) > 0.5).astype(np.int64), pred)
 
 
-def _print_summary(args, ckpts, views, ds, split, r, total) -> None:
+def _print_summary(job: Job, ds: data.ImageSet, r: dict, total: float) -> None:
+    args, ckpts, _, views, _ = job
     w = parse_weights(args.weights, len(ckpts))
     names = ", ".join(
         str(Path(*Path(m.path).parts[-2:])) + (f" x{w[i]:g}" if w else "")
@@ -826,7 +841,7 @@ def _print_summary(args, ckpts, views, ds, split, r, total) -> None:
             "TTA views",
             f"{len(views)} ({view_names}), merge {args.merge}, one forward of {len(views)}xB",
         ],
-        ["data", f"{ds.source} [{ds.fmt}, split {split}]"],
+        ["data", f"{ds.source} [{ds.fmt}, split {r['split']}]"],
         ["images", len(ds)],
         [
             "images/s",

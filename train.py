@@ -1810,8 +1810,15 @@ def eval_tta_forward(args, aug: list[str], multi_label: bool = False) -> Callabl
     """predict's forward for the TTA views --eval-test also reports (--eval-tta; auto: flip
     if trained with flips); None for none. check_flags calls it, so a bad name fails before
     anything is written."""
-    import infer  # infer imports train: imported when used
-
+    try:
+        import infer  # infer imports train: imported when used
+    except ImportError:  # train.py copied without infer.py / vote.py: no TTA rows
+        if args.eval_tta in ("auto", "none"):
+            return None
+        raise UserError(
+            f"--eval-tta {args.eval_tta}: needs infer.py and vote.py beside train.py; copy them "
+            "or pass --eval-tta none"
+        ) from None
     spec = args.eval_tta
     if spec == "auto":
         spec = "flip" if "flip" in aug else "none"

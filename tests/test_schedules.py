@@ -293,3 +293,33 @@ def test_eval_test_reports_flip_tta_as_infer_computes_it(tmp_path, capsys):
         train.main([*argv, "--name", "bad", "--eval-tta", "flop"])
     assert e.value.code == 2 and "--eval-tta flop: unknown view" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_py_copied_without_infer_py_still_evaluates(tmp_path):
+    """README "Use in your own project": train.py with data/models/losses/runlog/common only;
+    --eval-test then reports no TTA rows (auto), and --eval-tta flip says what is missing."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(train.__file__).parent
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for f in ("train.py", "data.py", "models.py", "losses.py", "runlog.py", "common.py"):
+        shutil.copy(repo / f, proj / f)
+    root = tmp_path / "d"
+    x, y = make_patterns(120)
+    write_idx(root, "train", x, y)
+    write_idx(root, "test", *make_patterns(30, seed=1))
+    argv = [sys.executable, "train.py", "--data", str(root), "--out", str(tmp_path / "runs"),
+            "--epochs", "1", "--eval-test", *FAST]  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([*argv, "--name", "a"], cwd=proj, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    tm = json.loads((tmp_path / "runs" / "a" / "test_metrics.json").read_text())
+    assert set(tm) == {"test_acc"}
+    r = subprocess.run([*argv, "--name", "b", "--eval-tta", "flip"], cwd=proj,
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 2 and "needs infer.py and vote.py beside train.py" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs" / "b").exists()
