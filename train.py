@@ -192,9 +192,9 @@ def _model_flags(g) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="built-in (smallnet*) or any timm name; default: smallnet where bf16/fp16 is fast "
-        "(GPUs, CPUs with AMX) or the run is short (< 50,000 images seen), else smallnet_t (a "
-        'seventh of the compute; README "Which precision and model `auto` picks")',
+        help="built-in (smallnet*) or any timm name; default: smallnet on GPUs and for short "
+        "runs (< 50,000 images seen); on CPUs smallnet_s with bf16 (AMX), else smallnet_t (a "
+        'seventh of smallnet\'s compute; README "Which precision and model `auto` picks")',
     )
     g.add_argument("--task", choices=["classify", "rotation"], default="classify")
     g.add_argument(
