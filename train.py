@@ -1788,7 +1788,7 @@ def _finish(t: Training) -> dict:
                           f"{best[f'val_{h}_f1']:.4f}"])  # fmt: skip
     if t.ema is not None:
         table.append(["best EMA val acc", summary["best_ema_val_acc"]])
-    tta = (t.args.eval_tta if t.args.eval_tta != "auto" else "flip") + " TTA"
+    tta = eval_tta_spec(t.args, t.aug) + " TTA"
     for k in ("test_acc", "tta_test_acc", "ema_test_acc", "ema_tta_test_acc"):
         if k in summary:
             table.append(
@@ -1806,6 +1806,13 @@ def _finish(t: Training) -> dict:
     return summary
 
 
+def eval_tta_spec(args, aug: list[str]) -> str:
+    """--eval-tta with auto resolved: flip if the run trained with flips, else none."""
+    if args.eval_tta == "auto":
+        return "flip" if "flip" in aug else "none"
+    return args.eval_tta
+
+
 def eval_tta_forward(args, aug: list[str], multi_label: bool = False) -> Callable | None:
     """predict's forward for the TTA views --eval-test also reports (--eval-tta; auto: flip
     if trained with flips); None for none. check_flags calls it, so a bad name fails before
@@ -1819,9 +1826,7 @@ def eval_tta_forward(args, aug: list[str], multi_label: bool = False) -> Callabl
             f"--eval-tta {args.eval_tta}: needs infer.py and vote.py beside train.py; copy them "
             "or pass --eval-tta none"
         ) from None
-    spec = args.eval_tta
-    if spec == "auto":
-        spec = "flip" if "flip" in aug else "none"
+    spec = eval_tta_spec(args, aug)
     try:
         views = infer.tta_views(spec)
     except UserError as e:  # infer.py names its own flag
