@@ -422,13 +422,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_amp(device: str | torch.device, amp: str | None) -> str:
-    """Resolve --amp auto: bf16 where it is fast (CUDA with bf16, CPUs with AMX)."""
+    """Resolve --amp auto: bf16 where it is fast (CUDA with bf16, CPUs where cpu_bf16 says so)."""
     if amp != "auto":
         return amp or "none"
     dev_type = torch.device(device).type
     if dev_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if dev_type == "cpu" and cpu_has_fast_bf16():
+    if dev_type == "cpu" and cpu_bf16()[0]:
         return "bf16"
     return "none"
 
@@ -436,7 +436,7 @@ def resolve_amp(device: str | torch.device, amp: str | None) -> str:
 # --model when not given, by device, precision and run length (README "Which precision and
 # model `auto` picks"). GPUs and short runs: the wide smallnet, which learns more per step
 # (3,000 letters x 3 epochs in fp32: 84.4% test in 35 s against smallnet_t's 64.0% in 12 s).
-# CPU with bf16 (AMX): smallnet_s, ahead at equal time (Fashion-MNIST, 2-core Xeon with AMX:
+# CPU with fast bf16 (AMX): smallnet_s, ahead at equal time (Fashion-MNIST, 2-core Xeon with AMX:
 # 16 epochs 94.1% test in 347 s against smallnet's 5 epochs 93.4% in 302 s). CPU in fp32:
 # smallnet_t, a seventh of smallnet's multiply-adds (11M against 78M at 28 px), the soonest to
 # a given accuracy (torch's kernels limited to AVX2: 92.0% test in 225 s, smallnet_s 318 s).
@@ -452,23 +452,36 @@ def default_arch(device: str | torch.device, amp: str, images_seen: int | None =
     return DEFAULT_ARCH_FP32 if resolve_amp(device, amp) == "none" else DEFAULT_ARCH_BF16_CPU
 
 
-def cpu_has_fast_bf16(flags: Sequence[str] | None = None, capability: str | None = None) -> bool:
-    """bf16 autocast is faster than fp32 on CPUs with AMX (amx_bf16), measured on our nets: a
-    2-core AMD EPYC with amx_bf16 trains smallnet_s about 2.5x faster in bf16; a 2-core Intel
-    Xeon with AVX512-BF16 but no AMX trains it slower in bf16 than in fp32 (794 against 1,007
-    images/s; smallnet 219 against 318; README "Which precision and model `auto` picks"). Never
-    when torch's kernels run below AVX512 (ATEN_CPU_CAPABILITY=avx2, or an AVX2-only build)."""
+def cpu_bf16(
+    flags: Sequence[str] | None = None, capability: str | None = None, vendor: str | None = None
+) -> tuple[bool, str]:
+    """(is bf16 autocast faster than fp32 on this CPU, why), measured on our nets (README "Which
+    precision and model `auto` picks"): yes with AMX (amx_bf16; a 2-core EPYC with AMX trains
+    smallnet_s about 2.5x faster in bf16) and on AMD CPUs with AVX512-BF16 (Zen 4: a 2-core EPYC
+    without AMX, 1.44x / 1.57x / 1.68x for smallnet_t / smallnet_s / smallnet); no on an Intel
+    Xeon with AVX512-BF16 but no AMX (Cooper Lake: smallnet_s 794 against 1,007 images/s in
+    fp32, smallnet 219 against 318), and never when torch's kernels run below AVX512
+    (ATEN_CPU_CAPABILITY=avx2, or an AVX2-only build)."""
     if capability is None:
         capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX512":
-        return False
-    if flags is None:
+        return False, f"torch's CPU kernels are {capability}, bf16 needs AVX512"
+    if flags is None or vendor is None:
         try:
             text = Path("/proc/cpuinfo").read_text()
-            flags = text.split("flags", 2)[1].split("\n", 1)[0].split()
-        except (OSError, IndexError):
-            return False
-    return "amx_bf16" in flags
+        except OSError:
+            text = ""
+        first = text.split("\n\n", 1)[0].splitlines()  # the first processor's block
+        fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in first)}
+        flags = fields.get("flags", "").split() if flags is None else flags
+        vendor = fields.get("vendor_id", "") if vendor is None else vendor
+    if "amx_bf16" in flags:
+        return True, "bf16 is fast with AMX"
+    if "avx512_bf16" not in flags:
+        return False, "no AVX512-BF16 or AMX here, bf16 is not faster"
+    if vendor == "AuthenticAMD":
+        return True, "bf16 is fast with AVX512-BF16 on AMD"
+    return False, "AVX512-BF16 without AMX, bf16 is not faster"
 
 
 def autocast(device: str | torch.device, amp: str | None):

@@ -1371,9 +1371,8 @@ def amp_reason(amp_flag: str, rt: models.Runtime) -> str:
     """', amp X (why)' for the recipe line; `amp_flag` is --amp as given."""
     if amp_flag != "auto":
         why = "--amp"
-    elif rt.device.type == "cpu":  # auto resolved to bf16 exactly where models finds AMX
-        fast = rt.amp == "bf16"
-        why = "auto: bf16 is fast with AMX" if fast else "auto: no AMX here, bf16 is not faster"
+    elif rt.device.type == "cpu":  # auto resolved to bf16 exactly where cpu_bf16 says fast
+        why = f"auto: {models.cpu_bf16()[1]}"
     else:
         why = f"auto: {rt.device.type}"
     return f", amp {rt.amp} ({why})"

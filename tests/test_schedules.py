@@ -162,7 +162,7 @@ def test_recipe_printed_by_train_cli(idx200, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("recipe: batch 32 (180 images: 5 steps/epoch")
     line = out.splitlines()[0]
-    assert "amp none (auto: " in line or "amp bf16 (auto: bf16 is fast with AMX)" in line
+    assert f"amp {models.resolve_amp('cpu', 'auto')} (auto: {models.cpu_bf16()[1]})" in line
     assert "model " not in line  # --model given: no reason printed for it
     a = json.loads((tmp_path / "auto" / "args.json").read_text())
     assert (a["batch_size"], a["opt"], a["aug"]) == (32, "adamw", "flip,crop")  # IDX: not glyphs
@@ -172,17 +172,31 @@ def test_recipe_printed_by_train_cli(idx200, tmp_path, capsys):
 # Issue 16.2: precision and model chosen for the hardware
 
 
-def test_fast_bf16_needs_amx_and_avx512_kernels():
-    # measured: bf16 autocast is slower than fp32 on a Xeon with AVX512-BF16 but no AMX
-    has = models.cpu_has_fast_bf16
-    assert has(["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], "AVX512")
-    assert not has(["avx2", "avx512f", "avx512_bf16"], "AVX512")
-    assert not has(["avx2", "avx512f", "amx_bf16"], "AVX2")  # ATEN_CPU_CAPABILITY=avx2
-    assert not has(["avx2"], "NO AVX")
+def test_fast_bf16_needs_amx_or_amd_and_avx512_kernels():
+    # measured: bf16 autocast is slower than fp32 on a Xeon with AVX512-BF16 but no AMX, faster
+    # with AMX and on an AMD EPYC (Zen 4) with AVX512-BF16 and no AMX
+    intel, amd = "GenuineIntel", "AuthenticAMD"
+    bf16 = ["avx2", "avx512f", "avx512_bf16"]
+    assert models.cpu_bf16([*bf16, "amx_bf16", "amx_tile"], "AVX512", intel) == (
+        True, "bf16 is fast with AMX"
+    )  # fmt: skip
+    assert models.cpu_bf16(bf16, "AVX512", amd) == (True, "bf16 is fast with AVX512-BF16 on AMD")
+    assert models.cpu_bf16(bf16, "AVX512", intel) == (
+        False, "AVX512-BF16 without AMX, bf16 is not faster"
+    )  # fmt: skip
+    assert not models.cpu_bf16(["avx2", "avx512f"], "AVX512", amd)[0]  # Zen 3 and older
+    assert models.cpu_bf16([*bf16, "amx_bf16"], "AVX2", intel) == (
+        False, "torch's CPU kernels are AVX2, bf16 needs AVX512"
+    )  # fmt: skip
+    assert not models.cpu_bf16(["avx2"], "NO AVX", amd)[0]
+    # this machine: read from /proc/cpuinfo, the same answer as resolve_amp's
+    fast, why = models.cpu_bf16()
+    assert why
+    assert models.resolve_amp("cpu", "auto") == ("bf16" if fast else "none")
 
 
 def test_default_model_follows_the_precision_and_the_run_length(monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: False)
+    monkeypatch.setattr(models, "cpu_bf16", lambda *a: (False, "no AVX512-BF16 or AMX here"))
     assert models.default_arch("cpu", "auto") == "smallnet_t"  # auto -> fp32 -> the thin net
     assert models.default_arch("cpu", "bf16") == "smallnet_s"  # bf16 given: the middle net
     assert models.default_arch("cpu", "bf16", 8100) == "smallnet"  # short: the wide net
@@ -201,11 +215,11 @@ def test_default_model_follows_the_precision_and_the_run_length(monkeypatch):
     assert train.default_model(a, rt, 8100) == (
         ", model smallnet (auto: fp32 on cpu, a short run: 8100 < 50000 images seen)"
     )
-    assert train.amp_reason("auto", rt) == ", amp none (auto: no AMX here, bf16 is not faster)"
+    assert train.amp_reason("auto", rt) == ", amp none (auto: no AVX512-BF16 or AMX here)"
     assert train.amp_reason("none", rt) == ", amp none (--amp)"
     a = argparse.Namespace(model="resnet18")
     assert train.default_model(a, rt, 8100) == "" and a.model == "resnet18"  # given: kept
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: True)
+    monkeypatch.setattr(models, "cpu_bf16", lambda *a: (True, "bf16 is fast with AMX"))
     assert models.default_arch("cpu", "auto", 10**6) == "smallnet_s"
     rt = models.Runtime(device=torch.device("cpu"), amp="bf16")
     a = argparse.Namespace(model=None)
@@ -215,12 +229,12 @@ def test_default_model_follows_the_precision_and_the_run_length(monkeypatch):
 
 
 def test_default_model_in_the_cli_and_the_run_name(idx200, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda *a: False)
+    monkeypatch.setattr(models, "cpu_bf16", lambda *a: (False, "no AVX512-BF16 or AMX here"))
     fast = [f for f in FAST if f not in ("--model", "smallnet_s")]
     train.main(["--data", str(idx200), "--out", str(tmp_path), "--epochs", "1", *fast])
     line = capsys.readouterr().out.splitlines()[0]
     # 180 images x 1 epoch: a short run, so the wide net, and the run named after it
-    assert line.endswith(", amp none (auto: no AMX here, bf16 is not faster), model smallnet "
+    assert line.endswith(", amp none (auto: no AVX512-BF16 or AMX here), model smallnet "
                          "(auto: fp32 on cpu, a short run: 180 < 50000 images seen)")  # fmt: skip
     a = json.loads((tmp_path / "smallnet_classify" / "args.json").read_text())
     assert a["model"] == "smallnet"
