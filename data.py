@@ -140,13 +140,42 @@ class ImageSet:
 
 @dataclass
 class Opts:
-    """Decode options every format loader receives."""
+    """How to read a data set: the decode options every format loader receives, and the .npy
+    cache (`cache`: use it; `cache_dir`: where, default default_cache_dir())."""
 
     img_size: tuple[int, int] | None = None
     in_chans: int | None = None
     skip_bad_images: bool = False
     label_column: str | None = None
     quiet: bool = False
+    cache: bool = True
+    cache_dir: str | Path | None = None
+
+    def __post_init__(self):
+        if self.in_chans not in (None, 1, 3):
+            raise UserError(f"--in-chans {self.in_chans}: expected 1 or 3")
+        if self.img_size is not None:
+            self.img_size = size2(self.img_size)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How the train part is split into train/val: `val_ratio` held out with `seed`, or fold
+    `fold` of a `kfold`-fold split (the val ratio is then 1/kfold)."""
+
+    val_ratio: float = 0.1
+    seed: int = 0
+    kfold: int | None = None
+    fold: int | None = None
+
+    @classmethod
+    def of(cls, record: dict | None) -> SplitSpec:
+        """The spec that rebuilds the split a checkpoint records ({"seed", "val_ratio", ...})."""
+        record = record or {}
+        return cls(
+            record.get("val_ratio", 0.1), record.get("seed", 0), record.get("kfold"),
+            record.get("fold"),
+        )  # fmt: skip
 
 
 @dataclass
@@ -1035,6 +1064,7 @@ class TableSpec:
     path_pattern: str | None = None  # e.g. "images/{index:06d}.png", formatted with the row
     id_col: str | None = None
     group_col: str | None = None
+    multi_label: bool | None = None  # declared by synth.json: the labels must agree
 
 
 def _table_spec(df, csv: Path, label_column: str | None, need_labels: bool) -> TableSpec:
@@ -1150,7 +1180,6 @@ def _table_source(
     part: str,
     opts: Opts,
     spec: TableSpec | None = None,
-    multi_label: bool | None = None,
 ) -> Source:
     """A Source for a labelled CSV part; the train CSV(s) fix the class list. Every image path
     must stay inside `data_root` (a CSV cannot make us read elsewhere)."""
@@ -1164,8 +1193,8 @@ def _table_source(
         df_train = _concat([read_csv(c) for c in train_csvs])
         df, paths, spec = _read_tables(part_csvs, spec, part)
     _, classes, ml, _ = _table_labels(df_train, spec, str(train_csvs[0]), spec.classes)
-    if multi_label is not None and ml != multi_label:
-        raise UserError(f"{train_csvs[0]}: labels do not match multi_label={multi_label}")
+    if spec.multi_label is not None and ml != spec.multi_label:
+        raise UserError(f"{train_csvs[0]}: labels do not match multi_label={spec.multi_label}")
     out = _outside(paths, data_root)
     if out is not None:
         raise UserError(
@@ -1347,6 +1376,7 @@ def _scan_synth(root: Path, part: str, opts: Opts) -> Source:
         path_col=meta.get("image_column") or meta.get("path_column"),
         id_col=meta.get("id_column"),
         classes=list(classes) if classes else None,
+        multi_label=ml,
     )
     if spec.path_col is None:
         spec.path_pattern = meta.get("path_pattern")
@@ -1358,7 +1388,7 @@ def _scan_synth(root: Path, part: str, opts: Opts) -> Source:
             raise UserError(f"{meta_path}: multi_label data needs 'classes'; re-run synth.py")
     else:
         spec.label_col = opts.label_column or meta.get("label_column") or "label"
-    src = _table_source(d, train_csvs, part_csvs, part, opts, spec, multi_label=ml)
+    src = _table_source(d, train_csvs, part_csvs, part, opts, spec)
     src.files.insert(0, meta_path)
     return src
 
@@ -1621,19 +1651,7 @@ def _cache_write(paths: dict[str, Path], ds: ImageSet, seconds: float) -> None:
         print(f"data.py: warning: not caching decoded data ({e})", file=sys.stderr)
 
 
-def load_images(
-    path,
-    fmt: str | None = None,
-    part: str = "train",
-    img_size=None,
-    in_chans: int | None = None,
-    cache_dir=None,
-    skip_bad_images: bool = False,
-    label_column: str | None = None,
-    *,
-    cache: bool = True,
-    quiet: bool = False,
-) -> ImageSet:
+def load_images(path, fmt: str | None = None, part: str = "train", opts: Opts | None = None):
     """Decode one part ('train' or 'test') of a data set into an ImageSet, via the .npy cache."""
     root = _existing(path)
     if part not in PARTS:
@@ -1641,16 +1659,8 @@ def load_images(
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise UserError(f"--data-format {fmt}: unknown; choose from {', '.join(FORMATS)}")
-    if in_chans not in (None, 1, 3):
-        raise UserError(f"--in-chans {in_chans}: expected 1 or 3")
-    opts = Opts(
-        None if img_size is None else size2(img_size),
-        in_chans,
-        skip_bad_images,
-        label_column,
-        quiet,
-    )
-    ds = _decode_cached(fmt, part, root, FORMATS[fmt](root, part, opts), opts, cache, cache_dir)
+    opts = opts or Opts()
+    ds = _decode_cached(fmt, part, root, FORMATS[fmt](root, part, opts), opts)
     if part == "train" and ds.has_labels and not ds.multi_label:
         present = torch.unique(ds.labels[ds.labels >= 0]).tolist() if len(ds) else []
         if len(ds.classes) < 2 or len(present) < 2:
@@ -1662,16 +1672,13 @@ def load_images(
     return ds
 
 
-def _decode_cached(
-    fmt: str, part: str, root: Path, src: Source, opts: Opts, cache: bool, cache_dir
-) -> ImageSet:
+def _decode_cached(fmt: str, part: str, root: Path, src: Source, opts: Opts) -> ImageSet:
     """The part a loader found, from the .npy cache when its key matches, else decoded."""
     paths = None
-    if cache:
+    if opts.cache:
         key = _cache_key(fmt, part, root, src, opts)
-        paths = _cache_paths(
-            Path(cache_dir) if cache_dir else default_cache_dir(), fmt, part, root, key
-        )
+        cache_dir = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+        paths = _cache_paths(cache_dir, fmt, part, root, key)
         t0 = time.perf_counter()
         ds = _cache_read(paths)
         if ds is not None:
@@ -1846,48 +1853,37 @@ def load_split(
     path,
     split: str = "train",
     fmt: str | None = None,
-    val_ratio: float = 0.1,
-    split_seed: int = 0,
-    kfold: int | None = None,
-    fold: int | None = None,
-    **load_kw,
+    how: SplitSpec | None = None,
+    opts: Opts | None = None,
 ) -> tuple[ImageSet, dict]:
     """One split (train|val|test|all) and the record of the train/val split.
 
-    train/val: the held-out split of the data set's train part (fold `fold` of a `kfold`-fold
-    split when given); test: its own test part; all: the whole train part. The record is
-    {"seed", "val_ratio", "val_hash"} (+ "kfold", "fold"); `split_args(record)` rebuilds it.
+    train/val: the held-out split of the data set's train part (`how`, default SplitSpec());
+    test: its own test part; all: the whole train part. The record is
+    {"seed", "val_ratio", "val_hash"} (+ "kfold", "fold"); `SplitSpec.of(record)` rebuilds it.
     """
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}")
-    full = load_images(path, fmt, part="train", **load_kw)
-    if kfold:
-        tr, va = kfold_indices(full.labels, kfold, fold or 0, split_seed, full.groups)
-        val_ratio = 1 / kfold
+    how = how or SplitSpec()
+    full = load_images(path, fmt, "train", opts)
+    if how.kfold:
+        tr, va = kfold_indices(full.labels, how.kfold, how.fold or 0, how.seed, full.groups)
+        val_ratio = 1 / how.kfold
     else:
-        tr, va = split_indices(full.labels, val_ratio, split_seed, full.groups)
+        tr, va = split_indices(full.labels, how.val_ratio, how.seed, full.groups)
+        val_ratio = how.val_ratio
     record = {
-        "seed": int(split_seed),
+        "seed": int(how.seed),
         "val_ratio": float(val_ratio),
         "val_hash": ids_hash([full.ids[i] for i in va]),
     }
-    if kfold:
-        record.update(kfold=int(kfold), fold=int(fold or 0))
+    if how.kfold:
+        record.update(kfold=int(how.kfold), fold=int(how.fold or 0))
     if split == "test":
-        return load_images(path, full.fmt, part="test", **load_kw), record
+        return load_images(path, full.fmt, "test", opts), record
     if split == "all":
         return full, record
     return full.subset(tr if split == "train" else va), record
-
-
-def split_args(record: dict) -> dict:
-    """load_split keyword arguments that rebuild the split a checkpoint records."""
-    return {
-        "val_ratio": record.get("val_ratio", 0.1),
-        "split_seed": record.get("seed", 0),
-        "kfold": record.get("kfold"),
-        "fold": record.get("fold"),
-    }
 
 
 def _split_record(recorded) -> dict:
@@ -1905,7 +1901,7 @@ def load_recorded_split(
     split: str = "val",
     fmt: str | None = None,
     source: str = "the checkpoint",
-    **load_kw,
+    opts: Opts | None = None,
 ) -> ImageSet:
     """Part `split` of the data at `path`, on the train/val split a checkpoint records.
 
@@ -1913,13 +1909,13 @@ def load_recorded_split(
     the split is rebuilt from the record (seed, ratio, k-fold) and its validation ids must hash
     to the recorded val_hash, else UserError (the data changed, or it is another data set);
     a checkpoint without a record cannot name its held-out set: UserError too. test/all need
-    no record. The record is in ds.info["split"]; load_kw go to load_images.
+    no record. The record is in ds.info["split"]; `opts` go to load_images.
     """
     if split not in SPLITS:
         raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}")
     rec = _split_record(recorded)
     if split in ("test", "all"):
-        ds = load_images(path, fmt, part="test" if split == "test" else "train", **load_kw)
+        ds = load_images(path, fmt, "test" if split == "test" else "train", opts)
         ds.info["split"] = rec
         return ds
     if not rec.get("val_hash"):
@@ -1927,7 +1923,7 @@ def load_recorded_split(
             f"{source} records no train/val split, so its held-out images are unknown; "
             "use --split test or all (or retrain to record one)"
         )
-    ds, record = load_split(path, split, fmt, **split_args(rec), **load_kw)
+    ds, record = load_split(path, split, fmt, SplitSpec.of(rec), opts)
     if record["val_hash"] != rec["val_hash"]:
         fold = f", fold {rec['fold']} of {rec['kfold']}" if rec.get("kfold") else ""
         raise UserError(
@@ -2136,11 +2132,11 @@ def _need_square(x: torch.Tensor, what: str) -> None:
         )
 
 
-def _aug_flip(x, g, pad):
+def _aug_flip(x, g):
     return torch.where(_coin(len(x), g, x.device), hflip(x), x)
 
 
-def _aug_vflip(x, g, pad):
+def _aug_vflip(x, g):
     return torch.where(_coin(len(x), g, x.device), vflip(x), x)
 
 
@@ -2153,12 +2149,12 @@ def _aug_crop(x, g, pad):
     return shift(x, -dy, -dx, pad, "reflect")  # -: the draws of earlier versions, same images
 
 
-def _aug_rot90(x, g, pad):
+def _aug_rot90(x, g):
     _need_square(x, "rot90")
     return rot90(x, torch.randint(0, 4, (len(x),), generator=g))
 
 
-def _aug_randaug(x, g, pad):
+def _aug_randaug(x, g):
     """Light RandAugment: each of brightness, contrast, translate with p=0.5 per image."""
     n, dev = len(x), x.device
     on_b, on_c, on_t = (_coin(n, g, dev) for _ in range(3))
@@ -2173,7 +2169,7 @@ def _aug_randaug(x, g, pad):
     return torch.where(on_t, shift(x, -dy, -dx, m, "replicate"), x)
 
 
-def _aug_cutout(x, g, pad, size: float = 0.25, p: float = 1.0):
+def _aug_cutout(x, g, size: float, p: float):
     """Zero (= the mean after normalising) one square of side size x the shorter side at a
     random place, in each image with probability p."""
     n, _, h, w = x.shape
@@ -2189,9 +2185,7 @@ def _aug_cutout(x, g, pad, size: float = 0.25, p: float = 1.0):
     return x.masked_fill(hole, 0.0)
 
 
-def _aug_ssr(
-    x, g, pad, rotate: float = 15.0, shift: float = 0.0625, scale: float = 0.1, p: float = 0.5
-):
+def _aug_ssr(x, g, rotate: float, shift: float, scale: float, p: float):
     """Shift-scale-rotate, one random affine map per image (with probability p): angle
     U(-rotate, rotate) degrees, scale U(1 - scale, 1 + scale), shift U(-shift, shift) x the
     width/height."""
@@ -2251,10 +2245,12 @@ def _aug_names(aug) -> list[str]:
 
 
 def _aug_params(spec: str) -> tuple[str, dict[str, float]]:
-    """'ssr:rotate=30:p=1' -> ('ssr', {'rotate': 30.0, 'p': 1.0}); UserError for bad values."""
+    """'ssr:rotate=30:p=1' -> ('ssr', {'rotate': 30.0, 'shift': 0.0625, 'scale': 0.1, 'p': 1.0}):
+    every parameter of the augmentation, AUG_PARAMS' default where not given; UserError for bad
+    values."""
     name, *pairs = spec.split(":")
     known = AUG_PARAMS.get(name, {})
-    params = {}
+    params = {k: default for k, (default, _, _) in known.items()}
     for pair in pairs:
         key, _, text = pair.partition("=")
         if key not in known:
@@ -2283,7 +2279,7 @@ def augment_batch(
     for spec in _aug_names(aug):
         name, params = _aug_params(spec)
         if name in _AUG_FNS:
-            x = _AUG_FNS[name](x, generator, pad, **params)
+            x = _AUG_FNS[name](x, generator, **({"pad": pad} if name == "crop" else params))
     return x
 
 
@@ -2454,18 +2450,13 @@ def summarize(args: argparse.Namespace) -> None:
     if args.grid:
         _check_grid_path(args.grid)  # before the data is decoded: a bad --grid fails at once
     fmt = args.data_format or detect_format(args.data)
-    kw = dict(
-        img_size=args.img_size,
-        in_chans=args.in_chans,
-        cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
-        label_column=args.label_column,
-        cache=not args.no_cache,
-        quiet=args.quiet,
-    )
-    train = load_images(args.data, fmt, "train", **kw)
+    opts = Opts(
+        args.img_size, args.in_chans, args.skip_bad_images, args.label_column, args.quiet,
+        not args.no_cache, args.cache_dir,
+    )  # fmt: skip
+    train = load_images(args.data, fmt, "train", opts)
     try:
-        test = load_images(args.data, fmt, "test", **kw)
+        test = load_images(args.data, fmt, "test", opts)
     except MissingPartError:
         test = None
     tr, va = split_indices(train.labels, args.val_ratio, args.split_seed, train.groups)

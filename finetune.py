@@ -486,9 +486,9 @@ def adopt_split(args, ck: dict, explicit: set[str]) -> None:
     """--same-split: the split flags become the start's record, verified on --data by
     data.load_recorded_split (its held-out ids must hash as recorded); a split flag given with
     another value is refused."""
-    rec = data.split_args(ck.get("split") or {})
-    rec = {"val_ratio": rec["val_ratio"], "split_seed": rec["split_seed"],
-           "kfold": rec["kfold"] or 0, "fold": rec["fold"] or 0}  # fmt: skip
+    how = data.SplitSpec.of(ck.get("split"))
+    rec = {"val_ratio": how.val_ratio, "split_seed": how.seed,
+           "kfold": how.kfold or 0, "fold": how.fold or 0}  # fmt: skip
     for k, v in rec.items():
         if k in explicit and getattr(args, k) != v:
             flag = "--" + k.replace("_", "-")
@@ -498,7 +498,7 @@ def adopt_split(args, ck: dict, explicit: set[str]) -> None:
             )
         setattr(args, k, v)
     data.load_recorded_split(
-        ck, args.data, "val", args.data_format, source=args.weights, **train.load_kwargs(args)
+        ck, args.data, "val", args.data_format, args.weights, train.data_opts(args)
     )
 
 

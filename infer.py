@@ -341,14 +341,15 @@ def parse_weights(values, n: int) -> list[float] | None:
 # Data
 
 
-def _load_kw(args, meta: models.CheckpointMeta) -> dict:
-    return dict(
-        img_size=tuple(args.img_size or meta.img_size),
-        in_chans=int(meta.in_chans),
+def _opts(args, meta: models.CheckpointMeta) -> data.Opts:
+    """How to read the data for a checkpoint: at its size (or --img-size) and channels."""
+    return data.Opts(
+        args.img_size or meta.img_size,
+        int(meta.in_chans),
+        args.skip_bad_images,
+        args.label_column,
+        args.quiet,
         cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
-        label_column=args.label_column,
-        quiet=args.quiet,
     )
 
 
@@ -358,14 +359,14 @@ def load_for(args, path: str, split: str, m: Member) -> tuple[data.ImageSet, str
     auto: the data set's test part where it has one, else all of it; val/train: the split
     recorded in the checkpoint, rebuilt and its validation hash checked (data.load_recorded_split).
     """
-    kw = _load_kw(args, m.meta)
+    opts = _opts(args, m.meta)
     if split == "auto":
         try:
-            return data.load_images(path, args.data_format, "test", **kw), "test"
+            return data.load_images(path, args.data_format, "test", opts), "test"
         except data.MissingPartError:
             split = "all"
     try:
-        ds = data.load_recorded_split(m.meta, path, split, args.data_format, source=m.path, **kw)
+        ds = data.load_recorded_split(m.meta, path, split, args.data_format, m.path, opts)
     except data.MissingPartError as e:
         raise UserError(f"{e}; use --split all (or val)") from None
     return ds, split
@@ -414,7 +415,7 @@ def ensemble_predict(job: Job, split: str):
     probs = []
     seconds = 0.0
     for m in ckpts:
-        key = (tuple(_load_kw(args, m.meta)["img_size"]), int(m.meta.in_chans))
+        key = (_opts(args, m.meta).img_size, int(m.meta.in_chans))
         if key not in sets:  # decode once per size (cached on disk anyway)
             sets[key], split = load_for(args, path, split, m)
         ds = sets[key]
@@ -751,9 +752,8 @@ def run(args) -> dict:
     with Outputs() as o:  # every output becomes visible together, or none
         written = [vote.write_submission(out, ds.ids, labels, kind, classes, out=o)]
         if args.return_probs:
-            written += vote.write_probs(
-                out, ds.ids, probs, classes, multi_label, fmt=args.probs_format, kind=kind, out=o
-            )
+            pr = vote.Probs(ds.ids, probs, classes, multi_label, kind)
+            written += vote.write_probs(out, pr, args.probs_format, o)
         if tuned is not None:
             o.json(tuned["file"], tuned["record"])
             written.append(Path(tuned["file"]))

@@ -167,14 +167,13 @@ def _unknown_model(arch: str) -> UserError:
     )
 
 
-def _create_timm(
-    arch: str, num_classes, in_chans, img_size, pretrained, drop_rate, drop_path_rate, model_kwargs
-) -> nn.Module:
+def _create_timm(arch: str, num_classes, in_chans, img_size, o: ModelOpts) -> nn.Module:
+    model_kwargs, pretrained = o.model_kwargs or {}, o.pretrained
     kw = {
         "num_classes": num_classes,
         "in_chans": in_chans,
-        "drop_rate": drop_rate,
-        "drop_path_rate": drop_path_rate,
+        "drop_rate": o.drop_rate,
+        "drop_path_rate": o.drop_path_rate,
         "img_size": img_size,
         **model_kwargs,
     }
@@ -243,31 +242,36 @@ def _check_size(model: nn.Module, arch: str, in_chans: int, size: tuple[int, int
         model.train(was_training)
 
 
-def create_model(
-    arch: str,
-    num_classes: int,
-    in_chans: int = 1,
-    img_size=(28, 28),
-    pretrained: bool = False,
-    drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    *,
-    model_kwargs: dict | None = None,
-    check_size: bool = True,
-    grad_checkpointing: bool = False,
-    heads: Sequence[int] | None = None,
-) -> nn.Module:
-    """Build a built-in or timm model; UserError for unknown names or unusable image sizes.
-
-    `heads` (class counts, e.g. (3, 2, 3)): a MultiHead model, the backbone's classifier with
-    sum(heads) outputs split per head; `num_classes` is then the product (the joint classes).
+@dataclass
+class ModelOpts:
+    """How create_model builds a network beyond its shape.
 
     `model_kwargs` go to the constructor (e.g. {"widths": [32, 64, 128]} for smallnet); store them
     in the checkpoint as "model_kwargs" so `load_model` can rebuild the same network.
     `grad_checkpointing` recomputes block activations in backward (timm's set_grad_checkpointing;
     SmallNet checkpoints each block); UserError for models that cannot.
+    `heads` (class counts, e.g. (3, 2, 3)): a MultiHead model, the backbone's classifier with
+    sum(heads) outputs split per head; `num_classes` is then the product (the joint classes).
+    `check_size`: run one forward pass at the image size, UserError if the net cannot take it.
     """
-    model_kwargs = dict(model_kwargs or {})
+
+    pretrained: bool = False
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    model_kwargs: dict | None = None
+    grad_checkpointing: bool = False
+    heads: Sequence[int] | None = None
+    check_size: bool = True
+
+
+def create_model(
+    arch: str, num_classes: int, in_chans: int = 1, img_size=(28, 28), opts: ModelOpts | None = None
+) -> nn.Module:
+    """Build a built-in or timm model (see ModelOpts); UserError for unknown names or unusable
+    image sizes."""
+    o = opts or ModelOpts()
+    pretrained, heads = o.pretrained, o.heads
+    model_kwargs = dict(o.model_kwargs or {})
     size = size2(img_size) if img_size is not None else None
     if heads:
         heads = tuple(int(h) for h in heads)
@@ -283,7 +287,7 @@ def create_model(
                 f"{arch} has no pretrained weights; drop --pretrained or load a file with --weights"
             )
         model = SmallNet(
-            num_classes, in_chans, drop_rate=drop_rate, **{**BUILTINS[arch], **model_kwargs}
+            num_classes, in_chans, drop_rate=o.drop_rate, **{**BUILTINS[arch], **model_kwargs}
         )
     else:
         if arch.startswith(("hf-hub:", "hf_hub:")):
@@ -295,13 +299,13 @@ def create_model(
         elif not _timm().is_model(arch):
             raise _unknown_model(arch)
         model = _create_timm(
-            arch, num_classes, in_chans, size, pretrained, drop_rate, drop_path_rate, model_kwargs
+            arch, num_classes, in_chans, size, replace(o, model_kwargs=model_kwargs)
         )
     if heads:
         model = MultiHead(model, heads)
-    if check_size and size is not None:
+    if o.check_size and size is not None:
         _check_size(model, arch, in_chans, size)
-    if grad_checkpointing:
+    if o.grad_checkpointing:
         set_grad_checkpointing(model, arch)
     return model
 
@@ -934,12 +938,14 @@ def model_from_checkpoint(ckpt: dict | CheckpointMeta, state_dict: dict | None =
             raise UserError(f"checkpoint of {meta.arch}: missing '{k}'; it cannot be rebuilt")
     model = create_model(
         meta.arch,
-        num_classes=meta.num_classes,
-        in_chans=meta.in_chans,
-        img_size=meta.img_size,
-        model_kwargs=meta.model_kwargs,
-        check_size=False,  # it trained at this size
-        heads=[len(c) for c in meta.heads.values()] if meta.heads else None,
+        meta.num_classes,
+        meta.in_chans,
+        meta.img_size,
+        ModelOpts(
+            model_kwargs=meta.model_kwargs,
+            heads=[len(c) for c in meta.heads.values()] if meta.heads else None,
+            check_size=False,  # it trained at this size
+        ),
     )
     load_weights(model, state_dict, source=f"checkpoint of {meta.arch}")
     return model

@@ -285,17 +285,18 @@ def greedy_soup(
     evaluate_fn: Callable[[dict], dict],
     start_metrics: dict | None = None,
     load_fn: Callable[[object], dict] | None = None,
-    strict: bool = False,
-    metric: str = "acc",
+    keep: Callable[[dict, dict], bool] | None = None,
     on_step: Callable[[dict], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list, list[dict]]:
     """Greedy soup over `paths` in the order given (best first): (state dict, kept, step log).
 
     The soup starts as paths[0] (scored `start_metrics`, else evaluated); each next candidate is
-    tried as soup * n/(n+1) + new/(n+1) and kept if evaluate_fn(candidate)[metric] does not drop
-    (strict: rises). Only the running soup, the next ingredient and the candidate are in memory.
+    tried as soup * n/(n+1) + new/(n+1) and kept if keep(its metrics, the soup's) holds (default
+    keep_rule(): its accuracy does not drop). Only the running soup, the next ingredient and the
+    candidate are in memory.
     """
     load_fn = load_fn or models.load_state_dict_file
+    keep = keep or keep_rule()
     first = load_fn(paths[0])
     dtypes = {k: v.dtype for k, v in first.items()}
     soup = _accumulator(first)
@@ -311,7 +312,7 @@ def greedy_soup(
         candidate = models.interpolate_state(soup, new, 1.0 / (len(kept) + 1))
         del new
         m = evaluate_fn(candidate)
-        accepted = m[metric] > best[metric] if strict else m[metric] >= best[metric]
+        accepted = keep(m, best)
         if accepted:
             soup, best = candidate, m
             kept.append(path)
@@ -320,6 +321,13 @@ def greedy_soup(
         if on_step:
             on_step(steps[-1])
     return {k: v.to(dtypes[k]) for k, v in soup.items()}, kept, steps
+
+
+def keep_rule(metric: str = "acc", strict: bool = False) -> Callable[[dict, dict], bool]:
+    """The greedy soup's test: keep a candidate whose `metric` does not drop (strict: rises)."""
+    if strict:
+        return lambda m, best: m[metric] > best[metric]
+    return lambda m, best: m[metric] >= best[metric]
 
 
 def _step_row(step: int, path, accepted: bool, n_kept: int, tried: dict, soup: dict) -> dict:
@@ -516,15 +524,14 @@ def _load_like_training(path, split: str, fmt, ref: Ingredient, cache_dir, verif
     tries = [{"img_size": targs.get("img_size"), "in_chans": targs.get("in_chans")}, exact]
     if tries[0] == exact or "img_size" not in targs:
         tries = [exact]
-    kw = {"cache_dir": cache_dir, "skip_bad_images": bool(targs.get("skip_bad_images", False))}
+    skip_bad = bool(targs.get("skip_bad_images", False))
     for i, size in enumerate(tries):
+        opts = data.Opts(**size, skip_bad_images=skip_bad, cache_dir=cache_dir)
         try:
             if verify:
-                ds = data.load_recorded_split(meta, path, split, fmt, source=ref.path, **kw, **size)
+                ds = data.load_recorded_split(meta, path, split, fmt, ref.path, opts)
             else:
-                ds, _ = data.load_split(
-                    path, split, fmt, **data.split_args(meta.split), **kw, **size
-                )
+                ds, _ = data.load_split(path, split, fmt, data.SplitSpec.of(meta.split), opts)
         except UserError:
             if i + 1 < len(tries):
                 continue
@@ -846,8 +853,7 @@ def make_greedy(paths, names, scores, scorer: Scorer, args, key: str):
         [paths[i] for i in order],
         scorer.score,
         start_metrics=scores[order[0]],
-        strict=args.greedy_strict,
-        metric=key,
+        keep=keep_rule(key, args.greedy_strict),
         on_step=on_step,
     )
     m = {k[len("soup_val_") :]: v for k, v in steps[-1].items() if k.startswith("soup_val_")}

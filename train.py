@@ -476,31 +476,38 @@ def check_flags(args) -> None:
 # Small pure pieces
 
 
-def lr_factor(
-    step: int,
-    total: int,
-    warmup: int,
-    sched: str,
-    milestones=(0.5, 0.75),
-    gamma=0.1,
-    min_ratio: float = 0.0,
-) -> float:
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate decay after warm-up: --sched, --milestones, --gamma, --min-lr-ratio."""
+
+    name: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    min_ratio: float = 0.0
+
+    @classmethod
+    def of(cls, args) -> Schedule:
+        return cls(args.sched, tuple(args.milestones), args.gamma, args.min_lr_ratio)
+
+
+def lr_factor(step: int, total: int, warmup: int, sched: Schedule) -> float:
     """Learning-rate multiplier at optimizer step `step` (0-based) of `total` (plateau apart).
 
     Linear warm-up to 1 over `warmup` steps, then the decay; the last step (total - 1) gets the
     schedule's end value exactly: cosine and onecycle `min_ratio`, step gamma ** (milestones
     passed), constant/plateau 1.
     """
+    min_ratio = sched.min_ratio
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     # t runs 0 -> 1 from the first step after warm-up to the last step of the run
     t = min(1.0, (step - warmup) / max(1, total - warmup - 1))
-    if sched == "cosine":
+    if sched.name == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    if sched == "onecycle":  # linear decay after the warm-up peak (airbench), to min_ratio
+    if sched.name == "onecycle":  # linear decay after the warm-up peak (airbench), to min_ratio
         return min_ratio + (1 - min_ratio) * max(0.0, 1.0 - t)
-    if sched == "step":
-        return gamma ** sum(step >= m * total for m in milestones)
+    if sched.name == "step":
+        return sched.gamma ** sum(step >= m * total for m in sched.milestones)
     return 1.0
 
 
@@ -842,25 +849,20 @@ def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Data and model set-up
 
 
-def load_kwargs(args) -> dict:
-    """data.load_images keyword arguments from the data flags."""
-    return dict(
-        img_size=args.img_size,
-        in_chans=args.in_chans,
+def data_opts(args, img_size=None, in_chans=None) -> data.Opts:
+    """How to read --data: the data flags (img_size/in_chans override --img-size/--in-chans)."""
+    return data.Opts(
+        img_size or args.img_size,
+        in_chans or args.in_chans,
+        args.skip_bad_images,
         cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
     )
 
 
-def split_kwargs(args) -> dict:
-    """data.load_split keyword arguments from the data/split flags."""
-    return dict(
-        fmt=args.data_format,
-        val_ratio=args.val_ratio,
-        split_seed=args.split_seed,
-        kfold=getattr(args, "kfold", None),
-        fold=getattr(args, "fold", None),
-        **load_kwargs(args),
+def split_spec(args) -> data.SplitSpec:
+    """The train/val split the split flags ask for."""
+    return data.SplitSpec(
+        args.val_ratio, args.split_seed, getattr(args, "kfold", None), getattr(args, "fold", None)
     )
 
 
@@ -868,10 +870,10 @@ def load_data(args, need_val: bool = True):
     """Train and val ImageSets plus the split record; labels-per-class and relabel applied."""
     if not args.data:
         raise UserError("--data is required (a data set path; see python data.py --help)")
-    kw = split_kwargs(args)
-    train_set, record = data.load_split(args.data, "train", **kw)
+    kw = (args.data_format, split_spec(args), data_opts(args))
+    train_set, record = data.load_split(args.data, "train", *kw)
     need_ids = need_val or getattr(args, "relabel", None)
-    val_set = data.load_split(args.data, "val", **kw)[0] if need_ids else None
+    val_set = data.load_split(args.data, "val", *kw)[0] if need_ids else None
     if not train_set.has_labels:
         raise UserError(f"{args.data}: no labels found; training needs a labelled data set")
     if getattr(args, "relabel", None):  # the held-out part keeps its labels: comparable metrics
@@ -887,17 +889,14 @@ def load_data(args, need_val: bool = True):
 def build_model(args, num_classes: int, in_chans: int, img_size) -> nn.Module:
     """Create the model (seeded) and load --weights (head replaced when shapes differ)."""
     torch.manual_seed(args.random_seed)
-    model = models.create_model(
-        args.model,
-        num_classes,
-        in_chans=in_chans,
-        img_size=img_size,
+    opts = models.ModelOpts(
         pretrained=args.pretrained,
         drop_rate=args.drop,
         drop_path_rate=args.drop_path,
         grad_checkpointing=getattr(args, "grad_checkpointing", False),
         heads=_head_sizes(args),  # --heads: models.MultiHead, joint 18-class log-probs out
     )
+    model = models.create_model(args.model, num_classes, in_chans, img_size, opts)
     if args.weights:
         sd = models.load_state_dict_file(args.weights)
         head = set(models.head_names(model))
@@ -1647,13 +1646,7 @@ def _train_step(t: Training, x_u8: torch.Tensor, y: torch.Tensor, b: int) -> flo
     t.scaler.scale(loss / args.accum_steps).backward()
     if (b + 1) % args.accum_steps == 0:
         scale = t.state.plateau_scale * lr_factor(
-            t.state.step,
-            t.total_steps,
-            t.warmup,
-            args.sched,
-            args.milestones,
-            args.gamma,
-            args.min_lr_ratio,
+            t.state.step, t.total_steps, t.warmup, Schedule.of(args)
         )
         for g in t.opt.param_groups:
             g["lr"] = args.lr * scale * g.get("lr_scale", 1.0)
@@ -1837,7 +1830,7 @@ def _eval_test(t: Training) -> dict:
     """Accuracy of best.pt (and best_ema.pt) on the data set's own test part."""
     out = {}
     try:
-        test_set, _ = data.load_split(t.args.data, "test", **split_kwargs(t.args))
+        test_set = data.load_images(t.args.data, t.args.data_format, "test", data_opts(t.args))
     except UserError as e:
         print(f"warning: no test part evaluated ({e})", file=sys.stderr)
         return out
@@ -1888,11 +1881,8 @@ def _recorded_part(args, ck: dict, source: str, split: str, img_size=None) -> da
         args.data,
         split,
         args.data_format,
-        source=source,
-        img_size=img_size or ck["img_size"],
-        in_chans=ck["in_chans"],
-        cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
+        source,
+        data_opts(args, img_size or ck["img_size"], ck["in_chans"]),
     )
 
 

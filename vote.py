@@ -29,7 +29,8 @@ import argparse
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -179,23 +180,31 @@ def write_submission(
     return Path(path)
 
 
+@dataclass
+class Probs:
+    """Probabilities for a submission: one row per id, one column per class; `kind` is the
+    submission kind (optional)."""
+
+    ids: Sequence
+    probs: np.ndarray
+    classes: Sequence[str]
+    multi_label: bool = False
+    kind: str | None = None
+
+
 def write_probs(
-    csv_path: str | Path,
-    ids: Sequence,
-    probs,
-    classes: Sequence[str],
-    multi_label: bool = False,
-    fmt: str = "npy",
-    kind: str | None = None,
-    out: Outputs | None = None,
+    csv_path: str | Path, pr: Probs, fmt: str = "npy", out: Outputs | None = None
 ) -> list[Path]:
     """Write probabilities beside submission `csv_path` (staged in `out` when given); returns
     the paths written.
 
     fmt "npy": `<stem>.npy` (float32 N x K) + `<stem>.ids.txt` + `<stem>.classes.txt`;
     fmt "csv": `<stem>.probs.csv` (`id` + one column per class). Both add `<stem>.meta.json`
-    {"multi_label", "classes", "kind"} (kind: the submission kind, optional).
+    {"multi_label", "classes", "kind"}.
     """
+    ids, probs, classes, multi_label, kind = (
+        pr.ids, pr.probs, pr.classes, pr.multi_label, pr.kind
+    )  # fmt: skip
     paths = probs_paths(csv_path)
     ids = _str_list(ids, paths["ids"], "id")
     classes = _str_list(classes, paths["classes"], "class")
@@ -513,27 +522,22 @@ def score_probs(probs, y_true, metric: str = "accuracy", multi_label=False, thre
 
 def caruana_select(
     val_probs_list: Sequence,
-    val_labels,
+    score: Callable[[np.ndarray], float],
     n_iter: int = 50,
-    metric: str = "accuracy",
     init_sorted: int = 5,
     replacement: bool = True,
-    multi_label: bool = False,
-    threshold: float = 0.5,
 ) -> tuple[np.ndarray, list[float]]:
     """Greedy forward ensemble selection (Caruana et al. 2004) -> (count per model, scores).
 
-    Starts from the best N of the `init_sorted` top models (N picked on validation), then adds
-    the model that most improves the averaged ensemble, `n_iter` times (with replacement unless
-    told otherwise). Returns the counts at the best score seen (earliest on ties), so the result
-    is never below the best single model; history[0] is the start, history[i] after addition i.
+    `score(probs)`: the validation score of averaged probabilities, higher is better (e.g.
+    `lambda p: score_probs(p, y, "accuracy")`). Starts from the best N of the `init_sorted` top
+    models (N picked on validation), then adds the model that most improves the averaged
+    ensemble, `n_iter` times (with replacement unless told otherwise). Returns the counts at the
+    best score seen (earliest on ties), so the result is never below the best single model;
+    history[0] is the start, history[i] after addition i.
     """
     probs = np.stack([np.asarray(p, dtype=np.float64) for p in val_probs_list])
-    m = len(probs)
-
-    def val(p):
-        return score_probs(p, val_labels, metric, multi_label, threshold)
-
+    m, val = len(probs), score
     singles = np.array([val(p) for p in probs])
     order = np.argsort(-singles, kind="stable")  # best first; ties keep file order
     start_n, start_score, total = 1, -np.inf, np.zeros_like(probs[0])
@@ -783,18 +787,15 @@ def _caruana(args, classes, multi):
         _align_classes(classes, vclasses, p, args.val_probs[0], args.files[0]) for p in vprobs
     ]
     y, _ = _labels_for(args.val_labels, vids, classes, multi, extend=False)
+
+    def score(p):
+        return score_probs(p, y, args.metric, multi, args.threshold)
+
     counts, history = caruana_select(
-        vprobs,
-        y,
-        n_iter=args.iters,
-        metric=args.metric,
-        init_sorted=args.init_sorted,
-        replacement=not args.no_replacement,
-        multi_label=multi,
-        threshold=args.threshold,
+        vprobs, score, args.iters, args.init_sorted, replacement=not args.no_replacement
     )
-    singles = [score_probs(p, y, args.metric, multi, args.threshold) for p in vprobs]
-    ens = score_probs(soft_vote(vprobs, counts), y, args.metric, multi, args.threshold)
+    singles = [score(p) for p in vprobs]
+    ens = score(soft_vote(vprobs, counts))
     if not args.quiet:
         rows = [
             (f, v, s, int(c)) for f, v, s, c in zip(args.files, args.val_probs, singles, counts)
@@ -1090,9 +1091,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with Outputs() as out:  # every output becomes visible together, or none
             written = [write_submission(args.out, ids, labels, kind, classes, out=out)]
             if args.return_probs:
-                written += write_probs(
-                    args.out, ids, probs, classes, multi, args.probs_format, kind=kind, out=out
-                )
+                pr = Probs(ids, probs, classes, multi, kind)
+                written += write_probs(args.out, pr, args.probs_format, out)
             if cm is not None:
                 written.append(plot_confusion(*cm, args.confusion, out=out))
     w_text = "equal" if weights is None else ",".join(f"{w:g}" for w in weights)

@@ -42,13 +42,13 @@ def bench_decode(path: str) -> dict:
     """Seconds to decode the train part without cache, to fill the cache, and to read it back."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        ds = data.load_images(path, cache=False, quiet=True)
+        ds = data.load_images(path, opts=data.Opts(quiet=True, cache=False))
         cold = time.perf_counter() - t
         t = time.perf_counter()
-        data.load_images(path, cache_dir=tmp, quiet=True)
+        data.load_images(path, opts=data.Opts(quiet=True, cache_dir=tmp))
         fill = time.perf_counter() - t
         t = time.perf_counter()
-        hit = data.load_images(path, cache_dir=tmp, quiet=True)
+        hit = data.load_images(path, opts=data.Opts(quiet=True, cache_dir=tmp))
         cached = time.perf_counter() - t
         assert hit.info["cached"] and torch.equal(hit.images, ds.images)
     return {"n": len(ds), "cold": cold, "fill": fill, "cached": cached, "set": ds}

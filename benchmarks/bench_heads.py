@@ -96,7 +96,7 @@ def run_one(root: Path, out: Path, name: str, extra: list[str], args) -> dict:
     # fp32 evaluation of best.pt on the val people; a head's prediction is the digit of the
     # 18-class argmax (the submission's ans), for both models
     model, ck = models.load_model(out / name / "best.pt")
-    val, _ = data.load_split(root, "val", val_ratio=0.2, split_seed=0)
+    val, _ = data.load_split(root, "val", how=data.SplitSpec(0.2, 0))
     meta = replace(models.CheckpointMeta.from_checkpoint(ck), heads=data.MASK_HEADS)
     m = train.evaluate(model, val.images, val.labels, meta)
     return {**m, "seconds": seconds, "flags": " ".join(flags[4:])}

@@ -53,7 +53,7 @@ def synthetic_idx(folder: Path, n: int = 20000) -> Path:
 
 def make_ingredients(root: Path, path: Path, args) -> tuple[list[Path], data.ImageSet]:
     """N perturbed copies of one model, with the meta train.py would record."""
-    val, record = data.load_split(path, "val", val_ratio=args.val_ratio, split_seed=0)
+    val, record = data.load_split(path, "val", how=data.SplitSpec(args.val_ratio, 0))
     mean, std = data.mean_std(val.images)
     torch.manual_seed(0)
     model = models.create_model(args.arch, len(val.classes), in_chans=1, img_size=(28, 28))

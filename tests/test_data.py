@@ -93,7 +93,7 @@ def test_idx_raw_and_gz(tmp_path, gz):
 def test_idx_fashion_names_resize_and_channels(tmp_path):
     root = tmp_path / "my-fashion-set"
     write_idx(root, "train", images(6), np.arange(6))
-    ds = data.load_images(root, img_size=4, in_chans=3)
+    ds = data.load_images(root, opts=data.Opts(img_size=4, in_chans=3))
     assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
     assert ds.images.shape == (6, 3, 4, 4)
     with pytest.raises(data.MissingPartError):
@@ -156,7 +156,7 @@ def test_folder_mixed_modes_convert(tmp_path):
     assert c[0].float().mean() == 200 and c[1].max() == 0
     g = ds.images[ds.ids.index("cat0")]
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])  # grey repeated
-    assert data.load_images(root, in_chans=1).images.shape[1] == 1
+    assert data.load_images(root, opts=data.Opts(in_chans=1)).images.shape[1] == 1
 
 
 def test_csv_single_label(tmp_path):
@@ -222,9 +222,9 @@ def test_pixels_csv(tmp_path):
     assert np.array_equal(ds.images[3, 0].numpy().reshape(-1), x[3])
     assert ds.classes == data.LETTERS and ds.labels[:3].tolist() == [0, 1, 25]
     assert ds.ids[0] == "100"
-    dg = data.load_images(tmp_path, label_column="digit")
+    dg = data.load_images(tmp_path, opts=data.Opts(label_column="digit"))
     assert dg.classes == [str(i) for i in range(10)] and dg.labels[:3].tolist() == [0, 1, 2]
-    te = data.load_images(tmp_path, part="test", label_column="digit")
+    te = data.load_images(tmp_path, part="test", opts=data.Opts(label_column="digit"))
     assert len(te) == 4 and not te.has_labels
 
 
@@ -295,7 +295,7 @@ def test_bad_images_named_or_skipped(tmp_path, capsys):
     bad.write_bytes(bad.read_bytes()[:30])
     with pytest.raises(UserError, match="dog2.png: cannot read image"):
         data.load_images(root)
-    ds = data.load_images(root, skip_bad_images=True)
+    ds = data.load_images(root, opts=data.Opts(skip_bad_images=True))
     assert len(ds) == 11 and "dog2" not in ds.ids
     assert "skipped 1 unreadable" in capsys.readouterr().err
 
@@ -303,15 +303,18 @@ def test_bad_images_named_or_skipped(tmp_path, capsys):
 def test_thread_pool_decode_large_images(tmp_path):
     """Images >= 96x96 decode on a thread pool: same result, bad files still named."""
     root = make_folder(tmp_path / "f", per_class=3, size=(100, 100))
-    ds = data.load_images(root, cache=False)
+    ds = data.load_images(root, opts=data.Opts(cache=False))
     want = np.asarray(Image.open(root / "emu" / "emu2.png"))
     assert ds.images.shape == (9, 1, 100, 100)
     assert np.array_equal(ds.images[ds.ids.index("emu2"), 0].numpy(), want)
     p = root / "emu" / "emu1.png"
     p.write_bytes(p.read_bytes()[:500])
     with pytest.raises(UserError, match="emu1.png: cannot read image"):
-        data.load_images(root, cache=False)
-    assert len(data.load_images(root, cache=False, skip_bad_images=True, img_size=32)) == 8
+        data.load_images(root, opts=data.Opts(cache=False))
+    assert (
+        len(data.load_images(root, opts=data.Opts(cache=False, skip_bad_images=True, img_size=32)))
+        == 8
+    )
 
 
 def test_mixed_sizes(tmp_path):
@@ -319,7 +322,7 @@ def test_mixed_sizes(tmp_path):
     Image.fromarray(images(1, (10, 12))[0]).save(root / "emu" / "big.png")
     with pytest.raises(UserError, match="differ in size.*--img-size"):
         data.load_images(root)
-    assert data.load_images(root, img_size=(6, 5)).images.shape == (13, 1, 6, 5)
+    assert data.load_images(root, opts=data.Opts(img_size=(6, 5))).images.shape == (13, 1, 6, 5)
 
 
 def test_memory_check(tmp_path, monkeypatch):
@@ -349,7 +352,7 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert again.classes == first.classes and torch.equal(again.labels, first.labels)
     # options are part of the key
     with pytest.raises(AssertionError, match="decoded again"):
-        data.load_images(root, img_size=4)
+        data.load_images(root, opts=data.Opts(img_size=4))
     # a changed source file is re-read
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "cat" / "cat0.png")
     st = (root / "cat" / "cat0.png").stat()
@@ -366,7 +369,7 @@ def test_cache_dir_unwritable_still_loads(tmp_path, capsys):
     write_idx(tmp_path / "d", "train", images(4), np.arange(4))
     blocker = tmp_path / "file"
     blocker.write_text("x")  # a file where the cache dir should be
-    ds = data.load_images(tmp_path / "d", cache_dir=blocker / "sub")
+    ds = data.load_images(tmp_path / "d", opts=data.Opts(cache_dir=blocker / "sub"))
     assert len(ds) == 4 and "not caching" in capsys.readouterr().err
 
 
@@ -408,14 +411,14 @@ def test_ids_hash_and_load_split(tmp_path):
     x, y = images(40), np.arange(40) % 4
     write_idx(tmp_path / "d", "train", x, y)
     write_idx(tmp_path / "d", "t10k", x[:8], y[:8])
-    tr, rec = data.load_split(tmp_path / "d", "train", val_ratio=0.25, split_seed=1)
-    va, rec2 = data.load_split(tmp_path / "d", "val", val_ratio=0.25, split_seed=1)
-    te, rec3 = data.load_split(tmp_path / "d", "test", val_ratio=0.25, split_seed=1)
+    tr, rec = data.load_split(tmp_path / "d", "train", how=data.SplitSpec(val_ratio=0.25, seed=1))
+    va, rec2 = data.load_split(tmp_path / "d", "val", how=data.SplitSpec(val_ratio=0.25, seed=1))
+    te, rec3 = data.load_split(tmp_path / "d", "test", how=data.SplitSpec(val_ratio=0.25, seed=1))
     al, _ = data.load_split(tmp_path / "d", "all")
     assert rec == rec2 == rec3 and rec["seed"] == 1 and rec["val_ratio"] == 0.25
     assert rec["val_hash"] == data.ids_hash(va.ids) and len(va) == 10 and len(tr) == 30
     assert not set(tr.ids) & set(va.ids) and len(te) == 8 and len(al) == 40
-    _, r0 = data.load_split(tmp_path / "d", "train", val_ratio=0)
+    _, r0 = data.load_split(tmp_path / "d", "train", how=data.SplitSpec(val_ratio=0))
     assert r0["val_hash"] == data.ids_hash([])
     with pytest.raises(UserError):
         data.load_split(tmp_path / "d", "bogus")
@@ -659,7 +662,7 @@ def test_load_recorded_split_verifies_the_hash(tmp_path):
     root = tmp_path / "d"
     write_idx(root, "train", images(40), np.arange(40) % 4)
     write_idx(root, "t10k", images(8, seed=1), np.arange(8) % 4)
-    val, rec = data.load_split(root, "val", val_ratio=0.25, split_seed=3)
+    val, rec = data.load_split(root, "val", how=data.SplitSpec(val_ratio=0.25, seed=3))
     meta = {"arch": "smallnet", "split": rec}  # a checkpoint dict, its record, or an object
     for recorded in (meta, rec, type("Meta", (), {"split": rec})()):
         got = data.load_recorded_split(recorded, root, "val")

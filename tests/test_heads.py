@@ -55,7 +55,9 @@ def test_three_head_training_through_cli(trained, capsys):
     assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
     # the per-head numbers are those of the 18-class predictions' digits
     model, _ = models.load_model(run / "best.pt")
-    val, _ = data.load_split(root, "val", val_ratio=0.34, split_seed=0, img_size=16)
+    val, _ = data.load_split(
+        root, "val", how=data.SplitSpec(val_ratio=0.34, seed=0), opts=data.Opts(img_size=16)
+    )
     probs = train.predict(model, val.images, ck["mean"], ck["std"])
     pred, y = probs.argmax(1), val.labels
     best = next(r for r in rows if r["val_acc"] == summary["best_val_acc"])

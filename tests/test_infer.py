@@ -34,7 +34,7 @@ def rand_images(n: int = 10, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 def save_ckpt(path, root, classes=None, multi_label=False, aug="flip,crop", seed=0, val=0.1):
     """A random-weight checkpoint for the data at `root`, with its split recorded."""
-    train_set, record = data.load_split(root, "train", val_ratio=val)
+    train_set, record = data.load_split(root, "train", how=data.SplitSpec(val_ratio=val))
     classes = classes or train_set.classes
     mean, std = data.mean_std(train_set.images)
     meta = {

@@ -103,9 +103,9 @@ def test_heads_and_combine():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_person_level_split(mask_root, seed):
-    kw = dict(val_ratio=0.34, split_seed=seed)
-    tr, rec = data.load_split(mask_root, "train", **kw)
-    va, rec2 = data.load_split(mask_root, "val", **kw)
+    how = data.SplitSpec(0.34, seed)
+    tr, rec = data.load_split(mask_root, "train", how=how)
+    va, rec2 = data.load_split(mask_root, "val", how=how)
     assert rec == rec2 and len(tr) + len(va) == 42 and len(va) > 0
     assert not set(tr.groups) & set(va.groups)  # nobody on both sides
     assert len(va) % 7 == 0 and len(tr) % 7 == 0  # whole people
@@ -113,13 +113,13 @@ def test_person_level_split(mask_root, seed):
 
 
 def test_eval_part_keeps_info_csv_order(mask_root):
-    te = data.load_images(mask_root, part="test", img_size=8)
+    te = data.load_images(mask_root, part="test", opts=data.Opts(img_size=8))
     assert te.ids == EVAL_IDS and not te.has_labels and te.images.shape == (5, 3, 8, 8)
     assert te.classes == data.MASK_CLASSES and (te.labels == -1).all()
     (mask_root / "eval" / "images" / EVAL_IDS[2]).unlink()
     with pytest.raises(UserError, match="c9d8.jpg"):
         data.load_images(mask_root, part="test")
-    ok = data.load_images(mask_root, part="test", skip_bad_images=True)
+    ok = data.load_images(mask_root, part="test", opts=data.Opts(skip_bad_images=True))
     assert ok.ids == [i for i in EVAL_IDS if i != "c9d8.jpg"]
 
 

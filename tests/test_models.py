@@ -62,8 +62,9 @@ def test_smallnet_kwargs_channels_last_and_residual():
         5,
         in_chans=3,
         img_size=(32, 32),
-        drop_rate=0.2,
-        model_kwargs={"widths": [8, 16, 24, 32], "residual": True},
+        opts=models.ModelOpts(
+            drop_rate=0.2, model_kwargs={"widths": [8, 16, 24, 32], "residual": True}
+        ),
     )
     assert model.widths == (8, 16, 24, 32) and len(model.blocks) == 4
     model = model.to(memory_format=torch.channels_last).eval()
@@ -101,14 +102,18 @@ def test_image_too_small():
 
 def test_builtin_pretrained_is_user_error():
     with pytest.raises(UserError, match="no pretrained weights"):
-        models.create_model("smallnet", 3, pretrained=True)
+        models.create_model("smallnet", 3, opts=models.ModelOpts(pretrained=True))
 
 
 def test_unsupported_drop_path_is_user_error():
     # DLA's constructor has no drop_path_rate: silently dropped at 0, refused otherwise.
-    models.create_model("dla46_c", 3, in_chans=1, img_size=32, check_size=False)
+    models.create_model(
+        "dla46_c", 3, in_chans=1, img_size=32, opts=models.ModelOpts(check_size=False)
+    )
     with pytest.raises(UserError, match="drop_path_rate"):
-        models.create_model("dla46_c", 3, in_chans=1, img_size=32, drop_path_rate=0.1)
+        models.create_model(
+            "dla46_c", 3, in_chans=1, img_size=32, opts=models.ModelOpts(drop_path_rate=0.1)
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -149,11 +154,11 @@ def test_autocast():
 
 
 def test_reset_classifier_and_head_names():
-    small = models.create_model("smallnet_s", 10, check_size=False)
+    small = models.create_model("smallnet_s", 10, opts=models.ModelOpts(check_size=False))
     small.reset_classifier(4)  # the timm-style name both kinds of model share
     assert small.head.out_features == 4 and small.num_classes == 4
     assert models.head_names(small) == ["head."]
-    res = models.create_model("resnet18", 10, in_chans=1, check_size=False)
+    res = models.create_model("resnet18", 10, in_chans=1, opts=models.ModelOpts(check_size=False))
     models.unwrap(nn.DataParallel(res)).reset_classifier(2)  # wrappers are looked through
     assert res.fc.out_features == 2 and models.head_names(res) == ["fc."]
     assert res.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
@@ -209,7 +214,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_round_trip_with_model_kwargs_and_timm(tmp_path):
-    model = models.create_model("smallnet", 2, model_kwargs={"widths": [8, 16]}, img_size=16)
+    model = models.create_model(
+        "smallnet", 2, img_size=16, opts=models.ModelOpts(model_kwargs={"widths": [8, 16]})
+    )
     meta = {**_meta("smallnet", 2, img_size=(16, 16)), "model_kwargs": {"widths": [8, 16]}}
     models.save_checkpoint(tmp_path / "a.pt", model, meta)
     loaded, _ = models.load_model(tmp_path / "a.pt", device="cpu")
@@ -225,7 +232,7 @@ def test_round_trip_with_model_kwargs_and_timm(tmp_path):
 
 
 def test_wrapper_prefixes_stripped(tmp_path):
-    model = models.create_model("smallnet_s", 3, check_size=False)
+    model = models.create_model("smallnet_s", 3, opts=models.ModelOpts(check_size=False))
     sd = model.state_dict()
     prefixed = {f"module._orig_mod.{k}": v for k, v in sd.items()}  # DDP around torch.compile
     models.save_checkpoint(tmp_path / "p.pt", prefixed, _meta("smallnet_s"))
@@ -236,7 +243,7 @@ def test_wrapper_prefixes_stripped(tmp_path):
     assert list(compiled.state_dict())[0].startswith("_orig_mod.")
     models.save_checkpoint(tmp_path / "c.pt", compiled, _meta("smallnet_s"))
     assert list(models.load_checkpoint(tmp_path / "c.pt")["state_dict"]) == list(sd)
-    other = models.create_model("smallnet_s", 3, check_size=False)
+    other = models.create_model("smallnet_s", 3, opts=models.ModelOpts(check_size=False))
     assert models.unwrap(torch.compile(other)) is other
     report = models.load_weights(other, {f"_orig_mod.{k}": v for k, v in sd.items()})
     assert report["missing"] == report["unexpected"] == report["shape"] == []
@@ -266,7 +273,10 @@ def test_load_checkpoint_errors(tmp_path):
         models.load_checkpoint(tmp_path)
 
     plain = tmp_path / "plain.pt"
-    torch.save(models.create_model("smallnet_s", 3, check_size=False).state_dict(), plain)
+    torch.save(
+        models.create_model("smallnet_s", 3, opts=models.ModelOpts(check_size=False)).state_dict(),
+        plain,
+    )
     with pytest.raises(
         UserError, match=r"not a checkpoint of this toolkit \(missing 'arch'\).*--weights"
     ):
@@ -304,7 +314,7 @@ def test_save_failures(tmp_path):
 
 
 def test_load_state_dict_file_formats(tmp_path):
-    model = models.create_model("smallnet_s", 3, check_size=False)
+    model = models.create_model("smallnet_s", 3, opts=models.ModelOpts(check_size=False))
     sd = model.state_dict()
     torch.save(sd, tmp_path / "plain.pth")
     torch.save({"model": sd, "epoch": 2}, tmp_path / "wrapped.pt")
@@ -330,10 +340,10 @@ def test_load_state_dict_file_formats(tmp_path):
 
 def test_load_weights_mismatch_partial_and_skip_head():
     torch.manual_seed(0)
-    src = models.create_model("smallnet_s", 10, check_size=False)
+    src = models.create_model("smallnet_s", 10, opts=models.ModelOpts(check_size=False))
     sd = dict(src.state_dict())
     sd["extra.weight"] = torch.zeros(2)
-    dst = models.create_model("smallnet_s", 3, check_size=False)
+    dst = models.create_model("smallnet_s", 3, opts=models.ModelOpts(check_size=False))
     head_before = dst.head.weight.clone()
 
     with pytest.raises(UserError, match=r"mine\.pt: .*1 unexpected \(extra\.weight\).*2 shape"):
@@ -401,7 +411,9 @@ def test_checkpoint_meta_defaults_for_older_files():
 def test_grad_checkpointing_smallnet_same_step_as_without():
     torch.manual_seed(0)
     plain = models.create_model("smallnet_s", 3, img_size=16)
-    ckpt = models.create_model("smallnet_s", 3, img_size=16, grad_checkpointing=True)
+    ckpt = models.create_model(
+        "smallnet_s", 3, img_size=16, opts=models.ModelOpts(grad_checkpointing=True)
+    )
     ckpt.load_state_dict(plain.state_dict())
     assert ckpt.grad_checkpointing and not plain.grad_checkpointing
     x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -421,10 +433,14 @@ def test_grad_checkpointing_smallnet_same_step_as_without():
 
 
 def test_grad_checkpointing_timm_and_refusal():
-    res = models.create_model("resnet10t", 3, img_size=32, grad_checkpointing=True)
+    res = models.create_model(
+        "resnet10t", 3, img_size=32, opts=models.ModelOpts(grad_checkpointing=True)
+    )
     assert res.grad_checkpointing
     with pytest.raises(UserError, match=r"--grad-checkpointing: dla46x_c does not support it"):
-        models.create_model("dla46x_c", 3, img_size=32, grad_checkpointing=True)
+        models.create_model(
+            "dla46x_c", 3, img_size=32, opts=models.ModelOpts(grad_checkpointing=True)
+        )
     with pytest.raises(UserError, match="Linear does not support it"):
         models.set_grad_checkpointing(nn.Linear(2, 2))
 
@@ -445,7 +461,9 @@ def test_capture_embedding_is_the_classifier_input(arch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grad_checkpointing_smallnet_on_cuda():
-    m = models.create_model("smallnet_s", 3, img_size=16, grad_checkpointing=True).cuda()
+    m = models.create_model(
+        "smallnet_s", 3, img_size=16, opts=models.ModelOpts(grad_checkpointing=True)
+    ).cuda()
     with models.autocast("cuda", "bf16"):
         loss = m(torch.randn(4, 1, 16, 16, device="cuda")).float().logsumexp(1).mean()
     loss.backward()

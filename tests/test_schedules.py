@@ -53,17 +53,17 @@ def test_warmup_is_capped_at_a_fifth_of_the_run():
 
 def test_lr_factor_hand_computed():
     # total 10, warm-up 2: 0.5, 1.0, then the decay starts at 1 and reaches its end at step 9
-    f = [train.lr_factor(s, 10, 2, "cosine", min_ratio=0.1) for s in range(10)]
+    f = [train.lr_factor(s, 10, 2, train.Schedule("cosine", min_ratio=0.1)) for s in range(10)]
     assert f[:3] == [0.5, 1.0, 1.0]
     assert f[9] == pytest.approx(0.1)
     # step 5: t = 3/7, 0.1 + 0.9 * 0.5 * (1 + cos(3 pi / 7)) = 0.650134...
     assert f[5] == pytest.approx(0.1 + 0.45 * (1 + math.cos(3 * math.pi / 7)))
     assert f[5] == pytest.approx(0.650134, abs=1e-6)
-    g = [train.lr_factor(s, 10, 2, "onecycle") for s in range(10)]
+    g = [train.lr_factor(s, 10, 2, train.Schedule("onecycle")) for s in range(10)]
     assert g[2] == 1.0 and g[9] == 0.0 and g[5] == pytest.approx(4 / 7)
-    h = [train.lr_factor(s, 8, 0, "step", (0.5, 0.75), 0.1) for s in range(8)]
+    h = [train.lr_factor(s, 8, 0, train.Schedule("step", (0.5, 0.75), 0.1)) for s in range(8)]
     assert h == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
-    assert train.lr_factor(7, 8, 2, "constant") == 1.0
+    assert train.lr_factor(7, 8, 2, train.Schedule("constant")) == 1.0
 
 
 def test_plateau_reduces_after_patience_epochs():

@@ -106,7 +106,7 @@ def test_greedy_picks_the_scripted_subset(strict, kept):
         evaluate,
         start_metrics={"acc": 0.90, "loss": 0.0},
         load_fn=lambda p: sds[p],
-        strict=strict,
+        keep=soup.keep_rule("acc", strict),
         on_step=steps_seen.append,
     )
     assert got == kept
@@ -276,7 +276,9 @@ def test_cli_bn_recalib_changes_bn_stats(ing, tmp_path):
     assert sd["stem.1.num_batches_tracked"].item() == 2
     assert torch.equal(sd["stem.0.weight"], plain["stem.0.weight"])  # weights untouched
     # the saved soup (with its re-estimated stats) scores what it records
-    val, _ = data.load_split(ing.data, "val", val_ratio=0.25, cache_dir=ing.cache)
+    val, _ = data.load_split(
+        ing.data, "val", how=data.SplitSpec(val_ratio=0.25), opts=data.Opts(cache_dir=ing.cache)
+    )
     model, _ = models.load_model(tmp_path / "bn" / "uniform_soup.pt")
     m = train.evaluate(model, val.images, val.labels, bn)
     assert m["acc"] == pytest.approx(bn["metrics"]["val_acc"])

@@ -220,13 +220,13 @@ def test_labels_per_class_subset_is_deterministic():
 
 
 def test_lr_schedules():
-    assert train.lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
-    assert train.lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
-    assert train.lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert train.lr_factor(0, 100, 10, train.Schedule("cosine")) == pytest.approx(0.1)
+    assert train.lr_factor(10, 100, 10, train.Schedule("cosine")) == pytest.approx(1.0)
+    assert train.lr_factor(100, 100, 10, train.Schedule("cosine")) == pytest.approx(0.0, abs=1e-9)
     # the decay runs over steps warmup..total-1, so the last step gets the end value exactly
-    assert train.lr_factor(55, 100, 10, "onecycle") == pytest.approx(1 - 45 / 89)
-    assert train.lr_factor(99, 100, 10, "onecycle") == pytest.approx(0.0, abs=1e-9)
-    assert train.lr_factor(80, 100, 0, "step") == pytest.approx(0.01)
+    assert train.lr_factor(55, 100, 10, train.Schedule("onecycle")) == pytest.approx(1 - 45 / 89)
+    assert train.lr_factor(99, 100, 10, train.Schedule("onecycle")) == pytest.approx(0.0, abs=1e-9)
+    assert train.lr_factor(80, 100, 0, train.Schedule("step")) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize(

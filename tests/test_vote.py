@@ -70,13 +70,17 @@ def _onehotish(y, wrong_rows, k=3):
     return p
 
 
+def _acc(y, metric="accuracy", multi_label=False):
+    return lambda p: vote.score_probs(p, y, metric, multi_label)
+
+
 def test_caruana_best_first_and_never_below_best_single():
     y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
     members = [_onehotish(y, [6, 7, 8]), _onehotish(y, [0, 1]), _onehotish(y, [3, 4, 5])]
-    counts, history = vote.caruana_select(members, y, n_iter=0, init_sorted=1)
+    counts, history = vote.caruana_select(members, _acc(y), n_iter=0, init_sorted=1)
     assert counts.tolist() == [0, 1, 0]  # model 1 (7/9 right) is the known best
     assert history == [pytest.approx(7 / 9)]
-    counts, history = vote.caruana_select(members, y, n_iter=5, init_sorted=1)
+    counts, history = vote.caruana_select(members, _acc(y), n_iter=5, init_sorted=1)
     assert counts[1] >= 1 and counts.sum() >= 2
     best_single = max(vote.accuracy(y, p.argmax(1)) for p in members)
     ens = vote.accuracy(y, vote.soft_vote(members, counts).argmax(1))
@@ -87,9 +91,9 @@ def test_caruana_sorted_init_keeps_the_single_best_when_others_hurt():
     y = np.array([0, 1, 2, 0, 1, 2])
     bad = _onehotish(y, [0, 1, 2, 3])
     members = [bad, _onehotish(y, []), bad.copy()]
-    counts, history = vote.caruana_select(members, y, n_iter=4, init_sorted=3, metric="macro-f1")
+    counts, history = vote.caruana_select(members, _acc(y, "macro-f1"), n_iter=4, init_sorted=3)
     assert history[0] == 1.0 and counts.tolist() == [0, 1, 0]
-    counts, _ = vote.caruana_select(members, y, n_iter=10, replacement=False)
+    counts, _ = vote.caruana_select(members, _acc(y), n_iter=10, replacement=False)
     assert counts.max() == 1
 
 
@@ -97,7 +101,7 @@ def test_caruana_multi_label():
     y = np.array([[1, 0], [0, 1], [1, 1]])
     good = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]])
     poor = np.array([[0.4, 0.6], [0.6, 0.4], [0.7, 0.6]])
-    counts, history = vote.caruana_select([poor, good], y, n_iter=3, multi_label=True)
+    counts, history = vote.caruana_select([poor, good], _acc(y, multi_label=True), n_iter=3)
     assert counts[1] >= 1 and history[0] == 1.0
 
 
@@ -176,7 +180,7 @@ def test_probs_round_trip(tmp_path, fmt, multi):
         p /= p.sum(1, keepdims=True)
     ids, classes = ["b", "a", "010", "d"], ["x", "y", "z"]
     sub = tmp_path / "pred.csv"
-    written = vote.write_probs(sub, ids, p, classes, multi_label=multi, fmt=fmt)
+    written = vote.write_probs(sub, vote.Probs(ids, p, classes, multi_label=multi), fmt=fmt)
     assert all(w.is_file() for w in written)
     direct = tmp_path / ("pred.npy" if fmt == "npy" else "pred.probs.csv")
     for path in (direct, sub):  # the probability file itself or the submission beside it
@@ -188,7 +192,7 @@ def test_probs_round_trip(tmp_path, fmt, multi):
 
 def test_read_probs_errors_name_the_file_and_fix(tmp_path):
     p = np.full((3, 2), 0.5, dtype=np.float32)
-    vote.write_probs(tmp_path / "a.csv", ["1", "2", "3"], p, ["n", "y"])
+    vote.write_probs(tmp_path / "a.csv", vote.Probs(["1", "2", "3"], p, ["n", "y"]))
     (tmp_path / "a.ids.txt").unlink()
     with pytest.raises(UserError, match=r"a\.ids\.txt: missing.*one id a line"):
         vote.read_probs(tmp_path / "a.npy")
@@ -248,7 +252,7 @@ def test_cli_soft_vote_weights_return_probs_and_scores(tmp_path):
     for k, p in enumerate([p1, p2]):
         sub = tmp_path / f"m{k}.csv"
         vote.write_submission(sub, ids, p.argmax(1), "single", classes)
-        vote.write_probs(sub, ids, p, classes)
+        vote.write_probs(sub, vote.Probs(ids, p, classes))
         files.append(str(tmp_path / f"m{k}.npy"))
     labels = tmp_path / "labels.csv"
     vote.write_submission(labels, ["c", "b", "a"], ["1", "0", "0"])
@@ -283,7 +287,7 @@ def test_cli_multi_label_soft_and_hard(tmp_path):
     for k, p in enumerate([p1, p2]):
         sub = tmp_path / f"m{k}.csv"
         vote.write_submission(sub, ids, (p >= 0.5).astype(int), "multi", classes)
-        vote.write_probs(sub, ids, p, classes, multi_label=True, fmt="csv")
+        vote.write_probs(sub, vote.Probs(ids, p, classes, multi_label=True), fmt="csv")
         files.append(sub)
     out = tmp_path / "ens.csv"
     probs = [str(f).replace(".csv", ".probs.csv") for f in files]
@@ -324,8 +328,8 @@ def test_cli_caruana_selection(tmp_path, capsys):
     ]
     vals, tests = [], []
     for k in range(3):
-        vote.write_probs(tmp_path / f"val{k}.csv", val_ids, val_members[k], classes)
-        vote.write_probs(tmp_path / f"test{k}.csv", test_ids, test_probs[k], classes)
+        vote.write_probs(tmp_path / f"val{k}.csv", vote.Probs(val_ids, val_members[k], classes))
+        vote.write_probs(tmp_path / f"test{k}.csv", vote.Probs(test_ids, test_probs[k], classes))
         vals.append(str(tmp_path / f"val{k}.npy"))
         tests.append(str(tmp_path / f"test{k}.npy"))
     out = tmp_path / "sel.csv"
@@ -347,8 +351,8 @@ def test_cli_caruana_selection(tmp_path, capsys):
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     p = np.array([[0.5, 0.5]])
-    vote.write_probs(tmp_path / "a.csv", ["1"], p, ["n", "y"])
-    vote.write_probs(tmp_path / "b.csv", ["2"], p, ["n", "y"])
+    vote.write_probs(tmp_path / "a.csv", vote.Probs(["1"], p, ["n", "y"]))
+    vote.write_probs(tmp_path / "b.csv", vote.Probs(["2"], p, ["n", "y"]))
     a, b = str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
     with pytest.raises(SystemExit) as e:
         vote.main([a, b, "--weights", "1,1,1", "--out", str(tmp_path / "o.csv")])
@@ -386,7 +390,7 @@ def test_weighted_soft_vote_of_five_matches_hand_computation(tmp_path):
     ]
     files = []
     for k, p in enumerate(members):
-        vote.write_probs(tmp_path / f"m{k}.csv", ids, np.array(p), classes)
+        vote.write_probs(tmp_path / f"m{k}.csv", vote.Probs(ids, np.array(p), classes))
         files.append(str(tmp_path / f"m{k}.npy"))
     out = tmp_path / "v.csv"
     vote.main([*files, "--weights", "1.5,1,1,1,1", "--out", str(out), "--return-probs"])
@@ -402,7 +406,7 @@ def test_out_onto_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
     p = np.array([[0.7, 0.3], [0.2, 0.8]])
     for k in range(2):
         vote.write_submission(tmp_path / f"m{k}.csv", ["1", "2"], p.argmax(1), "single", ["n", "y"])
-        vote.write_probs(tmp_path / f"m{k}.csv", ["1", "2"], p, ["n", "y"])
+        vote.write_probs(tmp_path / f"m{k}.csv", vote.Probs(["1", "2"], p, ["n", "y"]))
     a, b = str(tmp_path / "m0.npy"), str(tmp_path / "m1.npy")
     before = {f: f.read_bytes() for f in tmp_path.iterdir()}
     for argv in (
@@ -460,7 +464,7 @@ def test_mask_submission_with_named_one_mapped_or_refused(tmp_path, capsys):
     assert not out.exists()
     # with its classes recorded beside it, ans 1 = wear_f, 2 = none_m: the votes line up
     p = np.eye(3)[[1, 2]]
-    vote.write_probs(mask, ids, p, classes, kind="mask", fmt="csv")
+    vote.write_probs(mask, vote.Probs(ids, p, classes, kind="mask"), fmt="csv")
     r = vote.main([str(mask), str(named), str(named2), "--out", str(out)])
     # x: wear_f, wear_f, wear_m -> wear_f (ans 1); y: none_m, wear_m, wear_m -> wear_m (ans 0)
     assert r["kind"] == "mask" and out.read_text().splitlines() == [
@@ -475,7 +479,7 @@ def test_confusion_failure_leaves_no_outputs(tmp_path, capsys):
     p = np.array([[0.9, 0.1], [0.3, 0.7]])
     files = []
     for k in range(2):
-        vote.write_probs(tmp_path / f"m{k}.csv", ids, p, classes)
+        vote.write_probs(tmp_path / f"m{k}.csv", vote.Probs(ids, p, classes))
         files.append(str(tmp_path / f"m{k}.npy"))
     labels = vote.write_submission(tmp_path / "truth.csv", ids, ["0", "1"])
     out = tmp_path / "v.csv"
@@ -526,9 +530,13 @@ def test_metric_aliases_are_one_vocabulary():
 
 def test_threshold_for_single_label_is_refused_and_zero_is_kept(tmp_path, capsys):
     ids = ["1", "2"]
-    vote.write_probs(tmp_path / "s.csv", ids, np.array([[0.6, 0.4], [0.3, 0.7]]), ["x", "y"])
+    vote.write_probs(
+        tmp_path / "s.csv", vote.Probs(ids, np.array([[0.6, 0.4], [0.3, 0.7]]), ["x", "y"])
+    )
     m = tmp_path / "m.csv"
-    vote.write_probs(m, ids, np.array([[0.1, 0.0], [0.3, 0.7]]), ["x", "y"], multi_label=True)
+    vote.write_probs(
+        m, vote.Probs(ids, np.array([[0.1, 0.0], [0.3, 0.7]]), ["x", "y"], multi_label=True)
+    )
     err = _exit2(
         [str(tmp_path / "s.npy"), "--threshold", "0.3", "--out", str(tmp_path / "o.csv")], capsys
     )
