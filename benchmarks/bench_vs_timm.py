@@ -801,24 +801,35 @@ def check_inputs(args) -> tuple[list[str], list[str]]:
     )
 
 
-def default_model(extra_o: list[str], info: DataInfo) -> str:
-    """train.py's default --model for a run of at least 2 epochs on the whole training part:
-    the 2-epoch speed measurement on a subset is a short run, for which train.py would pick
-    another net (models.default_arch)."""
+def full_run_flags(data: str, extra_o: list[str], info: DataInfo) -> list[str]:
+    """The --model, --batch-size and --opt that train.py picks for a run of at least 2 epochs
+    on the whole training part, for those not in extra_o. The speed measurement trains 2 epochs
+    of a subset, for which train.py would pick another net (models.default_arch) and a smaller
+    batch (train.choose_recipe: 64 on 4,096 images, 256 on Fashion-MNIST's 54,000), and so
+    measure a slower speed than the real run's."""
     import models
+    import train
 
-    amp = extra_o[extra_o.index("--amp") + 1] if "--amp" in extra_o[:-1] else "auto"
-    return models.default_arch("cpu", amp, 2 * info.n_train)
+    a = train.build_parser().parse_args(["--data", data, "--epochs", "2", *extra_o])
+    train.choose_recipe(a, info.n_train, 1)
+    flags = []
+    if a.model is None:
+        flags += ["--model", models.default_arch("cpu", a.amp, 2 * info.n_train)]
+    if "--batch-size" not in extra_o:
+        flags += ["--batch-size", str(a.batch_size)]
+    if "--opt" not in extra_o:
+        flags += ["--opt", a.opt]
+    return flags
 
 
 def run(args) -> str:
     extra_o, extra_t = check_inputs(args)
     args.code_version = code_version()  # before the runs: what ours ran
     info, full, test = inspect_data(args.data)
-    if "--model" not in extra_o:  # the default model of the real run, for the measurement too
-        arch = default_model(extra_o, info)
-        extra_o = [*extra_o, "--model", arch]
-        args.ours_args = f"{args.ours_args} --model {arch} (the default)".strip()
+    auto = full_run_flags(args.data, extra_o, info)  # the real run's, for the measurement too
+    if auto:
+        extra_o = [*extra_o, *auto]
+        args.ours_args = f"{args.ours_args} {' '.join(auto)} (the defaults)".strip()
     threads = max(1, args.threads // 2) if args.concurrent else args.threads
     tmp = tempfile.TemporaryDirectory(prefix="bench_vs_timm_") if not args.keep else None
     work = Path(tmp.name) if tmp else Path(args.keep)

@@ -94,14 +94,21 @@ def test_time_to_reach_and_ratio():
     assert bvt.speed_ratio([], timm)["ratio"] is None
 
 
-def test_measurement_uses_the_real_runs_default_model():
+def test_measurement_uses_the_real_runs_defaults():
     """The 2-epoch speed measurement on a subset is a short run, for which train.py would pick
-    smallnet; the measurement and the real run are given the real run's default."""
+    smallnet and a batch of 64; the measurement and the real run are given the real run's
+    model, batch size and optimizer, and flags the user gave are left alone."""
     info = bvt.DataInfo(54000, 6000, 60000, 10000, 10, (28, 28), 0.3, 0.35)
-    assert bvt.default_model(["--amp", "none"], info) == "smallnet_t"
-    assert bvt.default_model(["--amp", "bf16"], info) == "smallnet_s"
+    got = bvt.full_run_flags("d", ["--amp", "none"], info)
+    assert got == ["--model", "smallnet_t", "--batch-size", "256", "--opt", "sgd"]
+    got = bvt.full_run_flags("d", ["--amp", "bf16", "--batch-size", "32"], info)
+    assert got == ["--model", "smallnet_s", "--opt", "sgd"]
+    assert bvt.full_run_flags("d", ["--model", "smallnet", "--opt", "adamw"], info) == [
+        "--batch-size", "256"
+    ]  # fmt: skip
     small = bvt.DataInfo(900, 100, 1000, 100, 10, (28, 28), 0.3, 0.35)
-    assert bvt.default_model(["--amp", "none"], small) == "smallnet"  # short: the wide net
+    got = bvt.full_run_flags("d", ["--amp", "none"], small)  # 810 images: 25 steps of 32
+    assert got == ["--model", "smallnet", "--batch-size", "32", "--opt", "adamw"]
 
 
 def test_epochs_that_fit():
