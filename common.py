@@ -471,6 +471,15 @@ def _one_line_error(parser: argparse.ArgumentParser):
     return error
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after every flag's help, unless the help already says its
+    default in words ("default: the data's")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if re.search(r"\bdefault\b", text) else super()._get_help_string(action)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse argv, taking defaults from `--config FILE.json|yaml` (keys are flag names; CLI wins).
 

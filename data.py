@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
+    HelpFormatter,
     Timer,
     UserError,
     add_common_flags,
@@ -2420,7 +2421,7 @@ def _describe_part(name: str, ds: ImageSet) -> list:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Load a data set and print what was found (format, parts, classes, stats).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True, help="data set path (directory, CSV or IDX file)")
     p.add_argument(

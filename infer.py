@@ -37,6 +37,7 @@ import models
 import train
 import vote
 from common import (
+    HelpFormatter,
     Outputs,
     UserError,
     accuracy,
@@ -353,13 +354,12 @@ def _opts(args, meta: models.CheckpointMeta) -> data.Opts:
     )
 
 
-def load_for(args, path: str, split: str, m: Member) -> tuple[data.ImageSet, str]:
-    """(the split decoded at the checkpoint's size/channels, the split's name).
+def load_for(args, path: str, split: str, m: Member, opts: data.Opts) -> tuple[data.ImageSet, str]:
+    """(the split decoded with `opts` (_opts: the checkpoint's size/channels), the split's name).
 
     auto: the data set's test part where it has one, else all of it; val/train: the split
     recorded in the checkpoint, rebuilt and its validation hash checked (data.load_recorded_split).
     """
-    opts = _opts(args, m.meta)
     if split == "auto":
         try:
             return data.load_images(path, args.data_format, "test", opts), "test"
@@ -415,9 +415,10 @@ def ensemble_predict(job: Job, split: str):
     probs = []
     seconds = 0.0
     for m in ckpts:
-        key = (_opts(args, m.meta).img_size, int(m.meta.in_chans))
+        opts = _opts(args, m.meta)
+        key = (opts.img_size, opts.in_chans)
         if key not in sets:  # decode once per size (cached on disk anyway)
-            sets[key], split = load_for(args, path, split, m)
+            sets[key], split = load_for(args, path, split, m, opts)
         ds = sets[key]
         first = next(iter(sets.values()))
         if ds.ids != first.ids:
@@ -542,7 +543,7 @@ def _size_arg(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "checkpoints",

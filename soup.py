@@ -44,6 +44,7 @@ from common import (
     METRIC_KEYS,
     METRICS,
     DirLock,
+    HelpFormatter,
     Outputs,
     Timer,
     UserError,
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     """All soup flags, grouped."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_flags(p)
     g = p.add_argument_group("ingredients and data")

@@ -73,6 +73,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from common import (
+    HelpFormatter,
     Timer,
     UserError,
     add_common_flags,
@@ -593,7 +594,7 @@ def _drop_csvs(out_dir: Path, manifest: dict | None, keep: list[dict]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--mode",

@@ -41,6 +41,7 @@ import models
 import runlog
 from common import (
     DirLock,
+    HelpFormatter,
     Timer,
     UserError,
     accuracy,
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     """All training flags, grouped; finetune.py extends this parser."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_flags(p)
     _data_flags(p.add_argument_group("data"))
@@ -1187,6 +1188,10 @@ class Training:
         a = self.args
         return warmup_steps(a.warmup_epochs, self.steps_per_epoch, self.total_steps, a.sched)
 
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return Schedule.of(self.args)
+
 
 def fit(args, hooks: FitHooks | None = None) -> dict:
     """Train per args; writes best.pt/last.pt/metrics.jsonl/args.json/summary.json to out/name."""
@@ -1645,9 +1650,7 @@ def _train_step(t: Training, x_u8: torch.Tensor, y: torch.Tensor, b: int) -> flo
     loss = t.loss_fn(out.float(), y)
     t.scaler.scale(loss / args.accum_steps).backward()
     if (b + 1) % args.accum_steps == 0:
-        scale = t.state.plateau_scale * lr_factor(
-            t.state.step, t.total_steps, t.warmup, Schedule.of(args)
-        )
+        scale = t.state.plateau_scale * lr_factor(t.state.step, t.total_steps, t.warmup, t.schedule)
         for g in t.opt.param_groups:
             g["lr"] = args.lr * scale * g.get("lr_scale", 1.0)
         if args.clip_grad:

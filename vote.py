@@ -38,6 +38,7 @@ import pandas as pd
 
 from common import (
     METRICS,
+    HelpFormatter,
     Outputs,
     Timer,
     UserError,
@@ -929,7 +930,7 @@ def _report_scores(args, ids, labels, classes, multi) -> tuple[dict, tuple | Non
     return {"accuracy": acc, "macro_f1": f1}, cm
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown for every flag; the module docstring kept as written."""
 
 

@@ -755,3 +755,12 @@ def test_dirlock_on_a_full_disk(full_fs):
     with pytest.raises(UserError, match="No space left"):
         DirLock(full_fs / "run").acquire()
     assert sorted(os.listdir(full_fs)) == ["filler"]  # no empty lock left to block the next run
+
+
+def test_help_formatter_shows_each_default_once():
+    p = argparse.ArgumentParser(formatter_class=common.HelpFormatter)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the data")
+    p.add_argument("--name", default=None, help="run name (default: model_task)")
+    text = " ".join(p.format_help().split())
+    assert "passes over the data (default: 3)" in text
+    assert "run name (default: model_task)" in text and "(default: None)" not in text
