@@ -117,6 +117,23 @@ def test_epochs_that_fit():
     assert bvt.epochs_that_fit(100, 20, 190) == 0
 
 
+def test_ours_estimate_from_the_measurement_rows():
+    # 8,000 images per epoch: epoch 1 in 10 s (kernels built), epochs 2-3 in 4 s and 6 s, the
+    # rows appearing 1 s and 2 s after their training ended (validation, checkpoints)
+    rows = [
+        (15.0, {"seconds": 10.0, "images_per_s": 800.0}),
+        (20.0, {"seconds": 4.0, "images_per_s": 2000.0}),
+        (28.0, {"seconds": 6.0, "images_per_s": 8000 / 6}),
+    ]
+    info = bvt.DataInfo(54000, 6000, 60000, 10000, 10, (28, 28), 0.3, 0.35)
+    e = bvt.ours_estimate(rows, info)
+    assert e["images_per_s"] == pytest.approx(1600.0)  # 16,000 images in 10 s, not epoch 2 alone
+    assert e["per_epoch_s"] == pytest.approx(54000 / 1600 + 1.5)  # + the mean gap
+    assert e["startup_s"] == pytest.approx(15 - 10 - 1.5)
+    # startup 3.5 + epoch 1's extra 10 - 5 + test evaluation 1.5 * 10000 / 6000
+    assert e["fixed_s"] == pytest.approx(3.5 + 5.0 + 2.5)
+
+
 def test_timm_log_parsing():
     line = (
         "Train: 1 [ 150/469 ( 32%)]  Loss: 0.512 (0.601)  Time: 0.410s,  312.20/s  "
