@@ -11,7 +11,8 @@ thread count, each for the same wall-clock budget (startup, data loading and eva
   (DIR/FashionMNIST/raw/ with plain IDX files), written in a temp dir from --data.
 - ours: `train.py --data DATA --eval-test --epochs E`, every other flag at its default.
 The epoch count E of each side is chosen from a short measurement of that side (its startup,
-seconds per epoch and evaluation cost; ours: 3 epochs of 8,192 images, the speed from epochs 2-3) so that its whole run fits the budget; a side still
+seconds per epoch and evaluation cost; ours: 3 epochs of 16,384 images, the speed from
+epochs 2-3) so that its whole run fits the budget; a side still
 running at 1.1x the budget is interrupted and marked. A budget too small for one epoch is
 refused after the measurement (exit 2).
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib-images",
         type=positive_int,
-        default=8192,
+        default=16384,
         help="ours' measurement: training images (labels per class = this / classes)",
     )
     p.add_argument("--ours-epochs", type=positive_int, default=None, help="skip ours' measurement")
@@ -820,7 +821,7 @@ def full_run_flags(data: str, extra_o: list[str], info: DataInfo) -> list[str]:
     """The --model, --batch-size and --opt that train.py picks for a run of at least 2 epochs
     on the whole training part, for those not in extra_o. The speed measurement trains 3 epochs
     of a subset, for which train.py would pick another net (models.default_arch) and a smaller
-    batch (train.choose_recipe: 128 on 8,192 images, 256 on Fashion-MNIST's 54,000), and so
+    batch or optimizer (train.choose_recipe: AdamW on 16,384 images, SGD on Fashion-MNIST's 54,000), and so
     measure a slower speed than the real run's."""
     import models
     import train
