@@ -820,9 +820,9 @@ def check_inputs(args) -> tuple[list[str], list[str]]:
 def full_run_flags(data: str, extra_o: list[str], info: DataInfo) -> list[str]:
     """The --model, --batch-size and --opt that train.py picks for a run of at least 2 epochs
     on the whole training part, for those not in extra_o. The speed measurement trains 3 epochs
-    of a subset, for which train.py would pick another net (models.default_arch) and a smaller
-    batch or optimizer (train.choose_recipe: AdamW on 16,384 images, SGD on Fashion-MNIST's 54,000), and so
-    measure a slower speed than the real run's."""
+    of a subset, for which train.py would pick another net (models.default_arch), batch size or
+    optimizer (train.choose_recipe: AdamW for 16,384 images, SGD for Fashion-MNIST's 54,000),
+    and so measure another speed than the real run's."""
     import models
     import train
 
