@@ -7,6 +7,7 @@ and report are exercised in seconds; our side is the real train.py on tiny data.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -200,6 +201,27 @@ def test_budget_too_small_is_measured_then_refused(idx28, fake_timm, capsys):
             "--budget", "0.01", "--calib", "0.05"]  # fmt: skip
     code, err = _main_exit(argv, capsys)
     assert code == 2 and "--budget 0.01" in err and "one epoch of timm" in err
+
+
+@pytest.mark.parametrize("calib_images", [None, 30])
+def test_ours_measurement_trains_the_whole_training_part(tmp_path, idx28, calib_images):
+    # a subset mis-measured the full run's speed by 15-25%: by default the measurement trains
+    # 2 epochs of everything the real run trains on; --calib-images still takes a subset
+    argv = ["--data", str(idx28), "--timm-epochs", "1"]
+    if calib_images:
+        argv += ["--calib-images", str(calib_images)]
+    args = bvt.build_parser().parse_args(argv)
+    info, _, _ = bvt.inspect_data(str(idx28))
+    extra = ["--batch-size", "32", "--val-ratio", "0.2", "--amp", "none"]
+    est = bvt.calibrate(args, info, tmp_path, tmp_path / "timm_data", 1, extra, [])
+    assert set(est) == {"ours"}  # timm's epochs given: not measured
+    run = tmp_path / "calib_ours" / "ours"
+    per_class = -(-calib_images // info.classes) if calib_images else None  # IDX: 10 names
+    assert json.loads((run / "args.json").read_text())["labels_per_class"] == per_class
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "images_per_s" in r]) == bvt.CALIB_EPOCHS == 2
+    e = est["ours"]
+    assert e["images_per_s"] > 0 and e["per_epoch_s"] >= info.n_train / e["images_per_s"]
 
 
 # ---------------------------------------------------------------------------
