@@ -544,9 +544,9 @@ def calibrate(args, info: DataInfo, work: Path, timm_data: Path, threads: int, e
 def ours_estimate(rows: list[tuple[float, dict]], info: DataInfo) -> dict:
     """Fixed and per-epoch seconds of the full run from the measurement's epoch rows.
 
-    rows: (elapsed s when the row appeared, train.py's epoch row) for >= 2 epochs of a subset.
-    The speed is the images of epochs 2.. over their training seconds (one short epoch alone
-    varied by +-20% on a 2-core CPU), the per-epoch evaluation cost (validation, EMA,
+    rows: (elapsed s when the row appeared, train.py's epoch row) for >= 2 epochs of the
+    measurement run. The speed is the images of epochs 2.. over their training seconds, the
+    per-epoch evaluation cost (validation, EMA,
     checkpoints) their mean gap; epoch 1's extra time (kernels built on first use) and the
     startup before it are fixed costs, and so is the final test evaluation (n_test / n_val of
     one validation)."""
@@ -821,11 +821,10 @@ def check_inputs(args) -> tuple[list[str], list[str]]:
 
 def full_run_flags(data: str, extra_o: list[str], info: DataInfo) -> list[str]:
     """The --model, --batch-size and --opt that train.py picks for a run of at least 2 epochs
-    on the whole training part, for those not in extra_o. The speed measurement trains 2 epochs
-    (of a subset with --calib-images), for which train.py would pick another net
-    (models.default_arch) and, on a subset, another batch size or optimizer
-    (train.choose_recipe: AdamW for 16,384 images, SGD for Fashion-MNIST's 54,000), and so
-    measure another speed than the real run's."""
+    on the whole training part, for those not in extra_o, so that the speed measurement (2
+    epochs, of a subset with --calib-images) trains what the real run trains: for a subset
+    train.py would pick another net (models.default_arch, under 50,000 images seen), batch size
+    or optimizer (train.choose_recipe: AdamW for 16,384 images, SGD for Fashion-MNIST's 54,000)."""
     import models
     import train
 
