@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import (  # noqa: E402
+    HelpFormatter,
     UserError,
     atomic_write_text,
     cli_errors,
@@ -67,9 +68,7 @@ TIMM_RESERVED = ("--data-dir", "--data", "--dataset", "--output", "--experiment"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="1-channel data set with a test part")
     p.add_argument("--anchor", default=str(DEFAULT_ANCHOR), help="timm's train.py (unmodified)")
     p.add_argument(
@@ -93,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-images",
         type=positive_int,
         default=None,
-        help="ours' measurement: training images (labels per class = this / classes); None: "
+        help="ours' measurement: training images (labels per class = this / classes); default: "
         "the whole training part (subsets of 4,096-16,384 images mis-measured the full run's "
         "speed by 15-25%%, both ways)",
     )
