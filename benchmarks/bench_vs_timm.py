@@ -545,10 +545,9 @@ def ours_estimate(rows: list[tuple[float, dict]], info: DataInfo) -> dict:
 
     rows: (elapsed s when the row appeared, train.py's epoch row) for >= 2 epochs of the
     measurement run. The speed is the images of epochs 2.. over their training seconds, the
-    per-epoch evaluation cost (validation, EMA,
-    checkpoints) their mean gap; epoch 1's extra time (kernels built on first use) and the
-    startup before it are fixed costs, and so is the final test evaluation (n_test / n_val of
-    one validation)."""
+    per-epoch evaluation cost (validation, EMA, checkpoints) their mean gap; epoch 1's extra
+    time (kernels built on first use) and the startup before it are fixed costs, and so is the
+    final test evaluation (n_test / n_val of one validation)."""
     (t1, r1), later = rows[0], rows[1:]
     images = sum(r["images_per_s"] * r["seconds"] for _, r in later)
     train_s = sum(r["seconds"] for _, r in later)
