@@ -151,9 +151,17 @@ class Opts:
     quiet: bool = False
     cache: bool = True
     cache_dir: str | Path | None = None
+    saturation: bool = False  # add the saturation plane (saturation_plane) as a second channel
 
     def __post_init__(self):
-        if self.in_chans not in (None, 1, 3):
+        if self.saturation:
+            if self.in_chans not in (None, 1, 2):
+                raise UserError(
+                    f"--saturation-channel reads grey images (its second channel is the "
+                    f"saturation plane), not --in-chans {self.in_chans}; drop --in-chans"
+                )
+            self.in_chans = 2
+        elif self.in_chans not in (None, 1, 3):
             raise UserError(f"--in-chans {self.in_chans}: expected 1 or 3")
         if self.img_size is not None:
             self.img_size = size2(self.img_size)
@@ -460,13 +468,35 @@ def _pil_to_array(im: Image.Image, in_chans: int | None) -> np.ndarray:
     return np.asarray(im.convert("L" if want_grey else "RGB"))
 
 
-def _decode_file(path: Path, size: tuple[int, int] | None, in_chans: int | None):
-    """Decoded array, or the error text when the file is not a readable image."""
+def saturation_plane(grey: np.ndarray) -> np.ndarray:
+    """The pixels at full intensity (255) of a uint8 grey image as 255, the rest 0.
+
+    Where ink is added onto noise and clipped (dirty MNIST: noise 0..254, letters added, clipped
+    to 255), full-strength strokes are exactly 255 and the noise never is, so this plane is the
+    letters without their background; resized with the image it becomes the share of
+    saturated source pixels under each output pixel. --saturation-channel feeds it to the model
+    as a second channel next to the grey image.
+    """
+    return np.where(grey == 255, np.uint8(255), np.uint8(0))
+
+
+def _decode_file(
+    path: Path, size: tuple[int, int] | None, in_chans: int | None, saturation: bool = False
+):
+    """Decoded array, or the error text when the file is not a readable image. With
+    `saturation`: H x W x 2, the grey image and its saturation_plane (found before resizing)."""
     try:
         with Image.open(path) as im:
-            if size is not None and im.format == "JPEG":
+            if size is not None and im.format == "JPEG" and not saturation:
                 im.draft(im.mode, (size[1], size[0]))  # DCT downscale: much faster for big JPEGs
             im.load()
+            if saturation:
+                grey = _pil_to_array(im, 1)
+                planes = [Image.fromarray(grey), Image.fromarray(saturation_plane(grey))]
+                if size is not None and grey.shape != tuple(size):
+                    wh = (size[1], size[0])
+                    planes = [p.resize(wh, Image.Resampling.BILINEAR) for p in planes]
+                return np.stack([np.asarray(p) for p in planes], axis=-1)
             if size is not None and im.size != (size[1], size[0]):
                 if im.mode not in ("1", "L", "RGB", "RGBA", "LA"):
                     im = Image.fromarray(_pil_to_array(im, in_chans))
@@ -519,12 +549,13 @@ def decode_images(
     first = None  # (path, shape) of the first decoded image, for size-mismatch messages
 
     def fn(p):
-        return _decode_file(p, size, opts.in_chans)
+        return _decode_file(p, size, opts.in_chans, opts.saturation)
 
     # Decode the first image alone to learn the size, then pick threads or not.
     head = fn(paths[0]) if n else None
     if isinstance(head, np.ndarray):
-        need = estimate_bytes(n, opts.in_chans or (3 if head.ndim == 3 else 1), *head.shape[:2])
+        c = head.shape[2] if head.ndim == 3 else 1
+        need = estimate_bytes(n, opts.in_chans or c, *head.shape[:2])
         budget = memory_budget()
         if budget is not None and need > budget:
             return _lazy_images(paths, opts, source, budget)
@@ -541,7 +572,7 @@ def decode_images(
             if isinstance(a, str):
                 _skip_bad_image(p, a, opts, skipped)
                 continue
-            c = 3 if a.ndim == 3 else 1
+            c = a.shape[2] if a.ndim == 3 else 1
             if out is None:
                 h, w = a.shape[:2]
                 check_fits(n, c, h, w, source)
@@ -590,11 +621,15 @@ class LazyImages:
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int], channels: int, device="cpu"):
+    def __init__(
+        self, paths: Sequence[Path], size: tuple[int, int], channels: int, device="cpu",
+        saturation: bool = False,
+    ):  # fmt: skip
         self.paths = list(paths)
         self.size = (int(size[0]), int(size[1]))
         self.channels = int(channels)
         self.device = torch.device(device)
+        self.saturation = saturation  # channel 2 is the saturation plane (Opts.saturation)
 
     @property
     def shape(self) -> torch.Size:
@@ -613,12 +648,13 @@ class LazyImages:
         """The same files, decoded onto `device` from now on (nothing is copied now)."""
         if device is None or isinstance(device, torch.dtype):
             return self
-        return LazyImages(self.paths, self.size, self.channels, device)
+        return LazyImages(self.paths, self.size, self.channels, device, self.saturation)
 
     def take(self, idx) -> LazyImages:
         """The images at positions idx, still lazy (ImageSet.subset)."""
         pos = torch.as_tensor(idx).reshape(-1).tolist()
-        return LazyImages([self.paths[i] for i in pos], self.size, self.channels, self.device)
+        files = [self.paths[i] for i in pos]
+        return LazyImages(files, self.size, self.channels, self.device, self.saturation)
 
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, (int, np.integer)):
@@ -632,7 +668,9 @@ class LazyImages:
         out = np.empty((len(files), self.channels, h, w), dtype=np.uint8)
         big = h * w >= THREAD_MIN_PIXELS and len(files) > 1
         workers = min(8, os.cpu_count() or 1) if big else 1
-        decoded = _imap(lambda f: _decode_file(f, self.size, self.channels), files, workers)
+        decoded = _imap(
+            lambda f: _decode_file(f, self.size, self.channels, self.saturation), files, workers
+        )
         for k, (f, a) in enumerate(zip(files, decoded)):
             if isinstance(a, str):
                 raise UserError(f"{f}: cannot read image ({a}); replace or delete it")
@@ -697,16 +735,18 @@ def _lazy_images(
             "memory, or $IMGCLS_MAX_RAM_GB); decoding each batch from the files (slower)",
             file=sys.stderr,
         )
-    return LazyImages([paths[i] for i in kept], size, c), kept, skipped
+    return LazyImages([paths[i] for i in kept], size, c, saturation=opts.saturation), kept, skipped
 
 
 def _array_to_opts(a: np.ndarray, opts: Opts) -> np.ndarray:
     """Channel conversion and resizing for formats stored as raw pixel arrays (N x C x H x W)."""
     if opts.in_chans == 3 and a.shape[1] == 1:
         a = np.repeat(a, 3, axis=1)
-    elif opts.in_chans == 1 and a.shape[1] == 3:
+    elif opts.in_chans in (1, 2) and a.shape[1] == 3:
         w = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)
         a = np.rint((a * w).sum(1, keepdims=True)).clip(0, 255).astype(np.uint8)
+    if opts.saturation:
+        a = np.concatenate([a, saturation_plane(a)], axis=1)
     if opts.img_size is not None and tuple(a.shape[2:]) != opts.img_size:
         a = _resize_array(a, opts.img_size)
     return np.ascontiguousarray(a)
@@ -1580,6 +1620,7 @@ def _cache_key(fmt: str, part: str, root: Path, src: Source, opts: Opts) -> str:
         "in_chans": opts.in_chans,
         "skip_bad": opts.skip_bad_images,
         "label_column": opts.label_column,
+        "saturation": opts.saturation,
         "extra": src.extra_key,
     }
     h.update(json.dumps(head, sort_keys=True, default=str).encode())

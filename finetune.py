@@ -475,6 +475,8 @@ def adopt_start(args, explicit: set[str]) -> None:
         )
     if "in_chans" not in explicit and ck.get("in_chans"):
         args.in_chans = int(ck["in_chans"])
+    if "saturation_channel" not in explicit:
+        args.saturation_channel = models.read_meta(ck, args.weights).saturation
     size = ck.get("img_size") or []
     if "img_size" not in explicit and len(size) == 2 and size[0] == size[1]:
         args.img_size = int(size[0])

@@ -351,6 +351,7 @@ def _opts(args, meta: models.CheckpointMeta) -> data.Opts:
         args.label_column,
         args.quiet,
         cache_dir=args.cache_dir,
+        saturation=meta.saturation,
     )
 
 

@@ -638,7 +638,7 @@ def _arrays_to_lists(obj):
 # The keys of the checkpoint format; any other key of a file is kept in CheckpointMeta.extra.
 META_KEYS = (
     "arch", "num_classes", "in_chans", "img_size", "classes", "multi_label", "mean", "std",
-    "split", "args", "metrics", "task", "created", "torch", "heads", "model_kwargs",
+    "split", "args", "metrics", "task", "created", "torch", "heads", "model_kwargs", "saturation",
 )  # fmt: skip
 _NOT_META = ("format", "state_dict")
 
@@ -669,6 +669,7 @@ class CheckpointMeta:
     torch: str = ""
     heads: dict[str, list[str]] | None = None  # head name -> its classes (multi-head models)
     model_kwargs: dict | None = None
+    saturation: bool = False  # channel 2 is the saturation plane (train.py --saturation-channel)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -713,6 +714,7 @@ class CheckpointMeta:
             torch=str(ckpt.get("torch") or ""),
             heads=heads,
             model_kwargs=model_kwargs,
+            saturation=bool(ckpt.get("saturation", False)),
             extra={k: v for k, v in ckpt.items() if k not in META_KEYS and k not in _NOT_META},
             **dicts,
         )

@@ -520,9 +520,10 @@ def _load_like_training(path, split: str, fmt, ref: Ingredient, cache_dir, verif
     meta = ref.meta
     targs = meta.args
     want = (int(meta.in_chans), *map(int, meta.img_size))
-    exact = {"img_size": tuple(want[1:]), "in_chans": want[0]}
+    exact = {"img_size": tuple(want[1:]), "in_chans": want[0], "saturation": meta.saturation}
     # Training's own flags first: same cache key, so no second decode of the data set.
-    tries = [{"img_size": targs.get("img_size"), "in_chans": targs.get("in_chans")}, exact]
+    own = {"img_size": targs.get("img_size"), "in_chans": targs.get("in_chans")}
+    tries = [{**own, "saturation": meta.saturation}, exact]
     if tries[0] == exact or "img_size" not in targs:
         tries = [exact]
     skip_bad = bool(targs.get("skip_bad_images", False))

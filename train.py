@@ -156,6 +156,13 @@ def _data_flags(g) -> None:
         "--img-size", type=int_range(1, 4096), default=None, help="resize to this size (native)"
     )
     g.add_argument("--in-chans", type=int, choices=[1, 3], default=None, help="default: the data's")
+    g.add_argument(
+        "--saturation-channel",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="grey images plus a second channel of their full-intensity (255) pixels, found "
+        "before resizing: ink added onto noise and clipped (dirty MNIST)",
+    )
     g.add_argument("--val-ratio", type=fraction, default=0.1, help="held-out fraction (stratified)")
     g.add_argument(
         "--split-seed", type=seed_int, default=0, help="seed of the train/val split only"
@@ -850,14 +857,15 @@ def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Data and model set-up
 
 
-def data_opts(args, img_size=None, in_chans=None) -> data.Opts:
-    """How to read --data: the data flags (img_size/in_chans override --img-size/--in-chans)."""
-    return data.Opts(
-        img_size or args.img_size,
-        in_chans or args.in_chans,
-        args.skip_bad_images,
-        cache_dir=args.cache_dir,
-    )
+def data_opts(args, ck: dict | None = None, img_size=None) -> data.Opts:
+    """How to read --data: the data flags, or for checkpoint `ck` its size (img_size wins) and
+    channels."""
+    if ck is None:
+        size, chans, sat = args.img_size, args.in_chans, args.saturation_channel
+    else:
+        meta = models.read_meta(ck)
+        size, chans, sat = img_size or meta.img_size, meta.in_chans, meta.saturation
+    return data.Opts(size, chans, args.skip_bad_images, cache_dir=args.cache_dir, saturation=sat)
 
 
 def split_spec(args) -> data.SplitSpec:
@@ -1266,6 +1274,7 @@ def _prepare(args, hooks: FitHooks) -> Training:
         "arch": args.model,
         "num_classes": num_classes,
         "in_chans": in_chans,
+        "saturation": bool(args.saturation_channel),
         "img_size": img_hw,
         "classes": ["0", "90", "180", "270"] if rotation else train_set.classes,
         "multi_label": multi_label,
@@ -1885,7 +1894,7 @@ def _recorded_part(args, ck: dict, source: str, split: str, img_size=None) -> da
         split,
         args.data_format,
         source,
-        data_opts(args, img_size or ck["img_size"], ck["in_chans"]),
+        data_opts(args, ck, img_size),
     )
 
 
