@@ -249,3 +249,20 @@ def test_saturation_travels_with_the_checkpoint(tmp_path: Path):
         + ["--out", str(out), "--quiet"]
     )
     assert models.read_meta(out / "uniform_soup.pt").saturation
+
+
+def test_saturation_when_streaming_from_disk(tmp_path: Path, monkeypatch):
+    """A set too big for the memory budget is decoded per batch (data.LazyImages): the same two
+    channels as the in-memory decode, subsets and all."""
+    root = tmp_path / "set"
+    write_csv_set(root, "train", *make_dirty(12, seed=3, noise=255, ink=255))
+    opts = dict(cache=False, saturation=True, img_size=10)
+    eager = data.load_images(root, opts=data.Opts(**opts))
+    monkeypatch.setenv(
+        "IMGCLS_MAX_RAM_GB", str(600 / 2**30)
+    )  # 600 bytes: 12 x 2 x 10 x 10 won't fit
+    lazy = data.load_images(root, opts=data.Opts(**opts))
+    assert isinstance(lazy.images, data.LazyImages) and lazy.images.shape == (12, 2, 10, 10)
+    assert torch.equal(lazy.images[torch.arange(12)], eager.images)
+    assert torch.equal(lazy.images.take([3, 5])[[0, 1]], eager.images[[3, 5]])
+    assert eager.images[:, 1].max() > 0  # the plane is not empty here
