@@ -166,6 +166,12 @@ class Opts:
         if self.img_size is not None:
             self.img_size = size2(self.img_size)
 
+    @classmethod
+    def of_checkpoint(cls, meta, img_size=None, **kw) -> Opts:
+        """How to read data for a model trained as `meta` (a models.CheckpointMeta) says: its
+        size (img_size wins), channels and saturation plane; kw: the other fields."""
+        return cls(img_size or meta.img_size, meta.in_chans, saturation=meta.saturation, **kw)
+
 
 @dataclass(frozen=True)
 class SplitSpec:

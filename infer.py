@@ -344,14 +344,13 @@ def parse_weights(values, n: int) -> list[float] | None:
 
 def _opts(args, meta: models.CheckpointMeta) -> data.Opts:
     """How to read the data for a checkpoint: at its size (or --img-size) and channels."""
-    return data.Opts(
-        args.img_size or meta.img_size,
-        int(meta.in_chans),
-        args.skip_bad_images,
-        args.label_column,
-        args.quiet,
+    return data.Opts.of_checkpoint(
+        meta,
+        args.img_size,
+        skip_bad_images=args.skip_bad_images,
+        label_column=args.label_column,
+        quiet=args.quiet,
         cache_dir=args.cache_dir,
-        saturation=meta.saturation,
     )
 
 

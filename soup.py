@@ -520,15 +520,12 @@ def _load_like_training(path, split: str, fmt, ref: Ingredient, cache_dir, verif
     meta = ref.meta
     targs = meta.args
     want = (int(meta.in_chans), *map(int, meta.img_size))
-    exact = {"img_size": tuple(want[1:]), "in_chans": want[0], "saturation": meta.saturation}
+    kw = {"skip_bad_images": bool(targs.get("skip_bad_images", False)), "cache_dir": cache_dir}
+    exact = data.Opts.of_checkpoint(meta, **kw)
     # Training's own flags first: same cache key, so no second decode of the data set.
-    own = {"img_size": targs.get("img_size"), "in_chans": targs.get("in_chans")}
-    tries = [{**own, "saturation": meta.saturation}, exact]
-    if tries[0] == exact or "img_size" not in targs:
-        tries = [exact]
-    skip_bad = bool(targs.get("skip_bad_images", False))
-    for i, size in enumerate(tries):
-        opts = data.Opts(**size, skip_bad_images=skip_bad, cache_dir=cache_dir)
+    own = data.Opts(targs.get("img_size"), targs.get("in_chans"), saturation=meta.saturation, **kw)
+    tries = [own, exact] if own != exact and "img_size" in targs else [exact]
+    for i, opts in enumerate(tries):
         try:
             if verify:
                 ds = data.load_recorded_split(meta, path, split, fmt, ref.path, opts)

@@ -860,12 +860,10 @@ def _rotation_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def data_opts(args, ck: dict | None = None, img_size=None) -> data.Opts:
     """How to read --data: the data flags, or for checkpoint `ck` its size (img_size wins) and
     channels."""
-    if ck is None:
-        size, chans, sat = args.img_size, args.in_chans, args.saturation_channel
-    else:
-        meta = models.read_meta(ck)
-        size, chans, sat = img_size or meta.img_size, meta.in_chans, meta.saturation
-    return data.Opts(size, chans, args.skip_bad_images, cache_dir=args.cache_dir, saturation=sat)
+    kw = {"skip_bad_images": args.skip_bad_images, "cache_dir": args.cache_dir}
+    if ck is not None:
+        return data.Opts.of_checkpoint(models.read_meta(ck), img_size, **kw)
+    return data.Opts(args.img_size, args.in_chans, saturation=args.saturation_channel, **kw)
 
 
 def split_spec(args) -> data.SplitSpec:
