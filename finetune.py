@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.build_parser()
     p.description = __doc__.split("\n\n")[0]
     p.set_defaults(opt="sgd")  # the grid's lr ranges are per optimizer: no automatic switch
+    p.set_defaults(ema=None)  # ingredients are the fine-tuned weights; EMA not measured here
     for a in p._actions:
         if a.dest in GRID_KEYS:
             a.help = f"{a.help or ''}; finetune.py: the --i grid point's value unless given".lstrip(

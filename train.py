@@ -280,7 +280,13 @@ def _optimisation_flags(g) -> None:
     )
     g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation")
     g.add_argument("--clip-grad", type=positive_float, default=None, help="max grad norm")
-    g.add_argument("--ema", type=open_fraction, default=None, help="weight EMA decay, e.g. 0.999")
+    g.add_argument(
+        "--ema",
+        type=ema_decay,
+        default="auto",
+        help=f"weight EMA decay in (0, 1), or none; auto: {EMA_DEFAULT} for a new run, the resumed "
+        "run's own value on --resume",
+    )
     g.add_argument("--loss", default="auto", help="ce|label-smoothing|focal|f1|bce|asl")
     g.add_argument("--smoothing", type=fraction, default=0.1, help="label smoothing (ce)")
 
@@ -625,6 +631,38 @@ def opt_family(name: str) -> str:
     if base in SGD_LIKE:
         return "sgd"
     return "adam" if base in COUPLED_WD else "adamw"
+
+
+# EMA on by default: Fashion-MNIST, fp32 smallnet_t, the EMA weights at 0.9102 val after 2 epochs
+# against the model's 0.8918 (README "Against timm's train.py")
+EMA_DEFAULT = 0.999
+
+
+def ema_decay(text: str) -> float | str | None:
+    """argparse type for --ema: auto, none (off), or a decay in (0, 1)."""
+    low = str(text).strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        return open_fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is no EMA decay; give a number in (0, 1) such as 0.999, auto or none"
+        ) from None
+
+
+def default_ema(args, resume_from: Path | None) -> str:
+    """Resolve --ema auto: EMA_DEFAULT for a new run, the resumed run's own value (none for runs
+    from before the default); the reason for the recipe line ("" when --ema was given)."""
+    if args.ema != "auto":
+        return ""
+    if resume_from is not None:
+        ck = models.load_checkpoint(resume_from)
+        saved = ck.get("resume_fingerprint") or ck.get("args") or {}
+        args.ema, why = saved.get("ema"), "auto: as the resumed run"
+    else:
+        args.ema, why = EMA_DEFAULT, "auto: the default, --ema none for off"
+    return f", ema {args.ema or 'none'} ({why})"
 
 
 def default_lr(name: str) -> float:
@@ -1258,8 +1296,9 @@ def _prepare(args, hooks: FitHooks) -> Training:
         args.name = f"{args.model}_{args.task}"
     run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
     resume_from = run.check(args)
+    why_ema = default_ema(args, resume_from)
     if rank == 0:
-        print(recipe + why_amp + why_model, flush=True)
+        print(recipe + why_amp + why_model + why_ema, flush=True)
     aug = aug if aug is not None else data._aug_names(args.aug)
     steps_per_epoch = _steps_per_epoch(args, len(sample_idx), world)
     total = steps_per_epoch * args.epochs
@@ -1799,10 +1838,11 @@ def _finish(t: Training) -> dict:
                     summary[k],
                 ]
             )
+    ckpts = "best,best_ema,last" if t.ema is not None else "best,last"
     table += [
         ["train time (s)", summary["train_seconds"]],
         ["images/s (last epoch)", summary["images_per_s"]],
-        ["wrote", f"{t.run.final}/{{best,last}}.pt, metrics.jsonl"],
+        ["wrote", f"{t.run.final}/{{{ckpts}}}.pt, metrics.jsonl"],
     ]
     print(format_table(table, ["result", "value"]))
     return summary

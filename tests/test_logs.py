@@ -192,7 +192,10 @@ def test_wandb_offline_run_directory(eight, tmp_path, monkeypatch):
     [
         (["--log", "tensorbored"], "--log"),
         (["--checkpoint-hist", "-1"], "--checkpoint-hist"),
-        (["--checkpoint-hist", "2", "--checkpoint-metric", "ema_val_acc"], "--ema"),
+        (
+            ["--ema", "none", "--checkpoint-hist", "2", "--checkpoint-metric", "ema_val_acc"],
+            "--ema",
+        ),
         (["--checkpoint-metric", "val_accuracy"], "--checkpoint-metric"),
     ],
 )

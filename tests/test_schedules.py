@@ -235,7 +235,8 @@ def test_default_model_in_the_cli_and_the_run_name(idx200, tmp_path, capsys, mon
     line = capsys.readouterr().out.splitlines()[0]
     # 180 images x 1 epoch: a short run, so the wide net, and the run named after it
     assert line.endswith(", amp none (auto: no AVX512-BF16 or AMX here), model smallnet "
-                         "(auto: fp32 on cpu, a short run: 180 < 50000 images seen)")  # fmt: skip
+                         "(auto: fp32 on cpu, a short run: 180 < 50000 images seen), "
+                         "ema 0.999 (auto: the default, --ema none for off)")  # fmt: skip
     a = json.loads((tmp_path / "smallnet_classify" / "args.json").read_text())
     assert a["model"] == "smallnet"
 
@@ -291,7 +292,7 @@ def test_eval_test_reports_flip_tta_as_infer_computes_it(tmp_path, capsys):
             "--eval-test", *FAST]  # fmt: skip
     train.main([*argv, "--name", "flip", "--aug", "flip,crop"])
     tm = json.loads((tmp_path / "flip" / "test_metrics.json").read_text())
-    assert set(tm) == {"test_acc", "tta_test_acc"}
+    assert set(tm) == {"test_acc", "tta_test_acc", "ema_test_acc", "ema_tta_test_acc"}
     assert "test acc, flip TTA" in capsys.readouterr().out
     # the number infer.py gives for the same checkpoint and views
     model, ck = models.load_model(tmp_path / "flip" / "best.pt")
@@ -302,7 +303,7 @@ def test_eval_test_reports_flip_tta_as_infer_computes_it(tmp_path, capsys):
     assert tm["tta_test_acc"] == pytest.approx(want)
     train.main([*argv, "--name", "crop", "--aug", "crop"])  # auto: no flips trained, no TTA
     tm = json.loads((tmp_path / "crop" / "test_metrics.json").read_text())
-    assert set(tm) == {"test_acc"}
+    assert set(tm) == {"test_acc", "ema_test_acc"}
     with pytest.raises(SystemExit) as e:
         train.main([*argv, "--name", "bad", "--eval-tta", "flop"])
     assert e.value.code == 2 and "--eval-tta flop: unknown view" in capsys.readouterr().err
@@ -332,7 +333,7 @@ def test_train_py_copied_without_infer_py_still_evaluates(tmp_path):
     r = subprocess.run([*argv, "--name", "a"], cwd=proj, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     tm = json.loads((tmp_path / "runs" / "a" / "test_metrics.json").read_text())
-    assert set(tm) == {"test_acc"}
+    assert set(tm) == {"test_acc", "ema_test_acc"}
     r = subprocess.run([*argv, "--name", "b", "--eval-tta", "flip"], cwd=proj,
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 2 and "needs infer.py and vote.py beside train.py" in r.stderr

@@ -246,6 +246,31 @@ def test_bad_input_exit_2(tiny_idx, tmp_path, capsys, extra, needle):
     assert len(err) == 1 and needle in err[0]
 
 
+def test_ema_on_by_default_and_resume_keeps_the_runs_own(tiny_idx, tmp_path, capsys):
+    run(tiny_idx, tmp_path, "--epochs", "1", name="dflt")
+    d = tmp_path / "runs" / "dflt"
+    assert json.loads((d / "args.json").read_text())["ema"] == train.EMA_DEFAULT == 0.999
+    assert (d / "best_ema.pt").exists() and "ema_val_acc" in rows(d / "metrics.jsonl")[0]
+    assert "ema 0.999 (auto: the default, --ema none for off)" in capsys.readouterr().out
+    # a run without EMA (as every run before the default) resumes without EMA when not told
+    common = ["--epochs", "2", "--ema", "none"]
+    args = train.build_parser().parse_args(
+        ["--data", str(tiny_idx), "--out", str(tmp_path / "runs"), "--name", "off", *BASE, *common]
+    )
+    with pytest.raises(SystemExit):
+        train.fit(args, train.FitHooks(epoch_start=stop_at_epoch(1)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # asking for EMA now is a change resume cannot honour
+        run(tiny_idx, tmp_path, "--epochs", "2", "--resume", "--ema", "0.9", name="off")
+    assert e.value.code == 2 and "--ema 0.9 (was None)" in capsys.readouterr().err
+    run(tiny_idx, tmp_path, "--epochs", "2", "--resume", name="off")
+    assert "ema none (auto: as the resumed run)" in capsys.readouterr().out
+    d = tmp_path / "runs" / "off"
+    assert [r["epoch"] for r in rows(d / "metrics.jsonl")] == [1, 2]
+    assert not (d / "best_ema.pt").exists()
+    assert "ema_val_acc" not in rows(d / "metrics.jsonl")[1]
+
+
 def test_resume_with_other_model_refused(tiny_idx, tmp_path, capsys):
     common = ["--epochs", "2"]
     args = train.build_parser().parse_args(
