@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(opt="sgd")  # the grid's lr ranges are per optimizer: no automatic switch
     p.set_defaults(ema=None)  # ingredients are the fine-tuned weights; EMA not measured here
     for a in p._actions:
+        if a.dest == "ema":
+            a.help += "; finetune.py: none unless given"
         if a.dest in GRID_KEYS:
             a.help = f"{a.help or ''}; finetune.py: the --i grid point's value unless given".lstrip(
                 "; "

@@ -383,3 +383,10 @@ def test_fit_hooks_are_explicit(start):
     assert {g["lr_scale"] for g in hooks.param_groups(m)} == {0.5**k for k in range(5)}
     assert finetune.grid_point(0)["lr"] == train.DEFAULT_LR["sgd"]
     assert tuple(finetune.grid_point(9)) == finetune.GRID_KEYS
+
+
+def test_ema_stays_off_for_ingredients_unless_given():
+    assert train.build_parser().parse_args([]).ema == "auto"  # train.py: on by default
+    p = finetune.build_parser()
+    assert p.parse_args([]).ema is None
+    assert p.parse_args(["--ema", "0.99"]).ema == 0.99
