@@ -651,14 +651,13 @@ def ema_decay(text: str) -> float | str | None:
         ) from None
 
 
-def default_ema(args, resume_from: Path | None) -> str:
-    """Resolve --ema auto: EMA_DEFAULT for a new run, the resumed run's own value (none for runs
-    from before the default); the reason for the recipe line ("" when --ema was given)."""
+def default_ema(args, resume_ck: dict | None) -> str:
+    """Resolve --ema auto: EMA_DEFAULT for a new run, the resumed last.pt's own value (none for
+    runs from before the default); the reason for the recipe line ("" when --ema was given)."""
     if args.ema != "auto":
         return ""
-    if resume_from is not None:
-        ck = models.load_checkpoint(resume_from)
-        saved = ck.get("resume_fingerprint") or ck.get("args") or {}
+    if resume_ck is not None:
+        saved = resume_ck.get("resume_fingerprint") or resume_ck.get("args") or {}
         args.ema, why = saved.get("ema"), "auto: as the resumed run"
     else:
         args.ema, why = EMA_DEFAULT, "auto: the default, --ema none for off"
@@ -1296,7 +1295,8 @@ def _prepare(args, hooks: FitHooks) -> Training:
         args.name = f"{args.model}_{args.task}"
     run = RunDir(Path(args.out) / args.name, is_main=rank == 0)
     resume_from = run.check(args)
-    why_ema = default_ema(args, resume_from)
+    resume_ck = models.load_checkpoint(resume_from) if resume_from is not None else None
+    why_ema = default_ema(args, resume_ck)
     if rank == 0:
         print(recipe + why_amp + why_model + why_ema, flush=True)
     aug = aug if aug is not None else data._aug_names(args.aug)
@@ -1354,7 +1354,7 @@ def _prepare(args, hooks: FitHooks) -> Training:
         resume_from=resume_from,
     )
     if resume_from is not None:
-        _restore(t, resume_from)
+        _restore(t, resume_from, resume_ck)
     return t
 
 
@@ -1495,10 +1495,9 @@ def _steps_per_epoch(args, n_samples: int, world: int) -> int:
     return n_batches // args.accum_steps
 
 
-def _restore(t: Training, path: Path) -> None:
-    """Load last.pt into the model, EMA, optimizer, scaler, counters and RNGs (after checking
-    that it was written by a run with the same settings)."""
-    ck = models.load_checkpoint(path)
+def _restore(t: Training, path: Path, ck: dict) -> None:
+    """Load last.pt (`ck`, read from `path`) into the model, EMA, optimizer, scaler, counters and
+    RNGs (after checking that it was written by a run with the same settings)."""
     if "train_state" not in ck:
         raise UserError(
             f"{path}: holds no training state (a best.pt or an exported model?); --resume needs "
