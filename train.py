@@ -633,8 +633,8 @@ def opt_family(name: str) -> str:
     return "adam" if base in COUPLED_WD else "adamw"
 
 
-# EMA on by default: Fashion-MNIST, fp32 smallnet_t, the EMA weights at 0.9102 val after 2 epochs
-# against the model's 0.8918 (README "Against timm's train.py")
+# EMA on by default: Fashion-MNIST, fp32 smallnet_t (torch limited to AVX2), the EMA weights at
+# 0.9070 test after 2 epochs against the model's 0.8956 (README "Against timm's train.py")
 EMA_DEFAULT = 0.999
 
 
