@@ -909,6 +909,25 @@ def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
+def multi_hot(probs, thresholds=0.5, min_labels: int = 0, max_labels: int = 0) -> np.ndarray:
+    """The multi-label decision, N x K probabilities -> N x K int64 0/1: a label is on where its
+    probability reaches its threshold; a row with fewer than `min_labels` on gets its best
+    others, and one with more than `max_labels` (0: no cap) keeps its best, best meaning the
+    highest probability / threshold (every label that is on ranks above every one that is off).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), p.shape)
+    on = p >= thr
+    if min_labels or max_labels:
+        best_first = np.lexsort((-(p / np.maximum(thr, 1e-12)), ~on), axis=1)  # on first
+        rank = np.empty_like(best_first)
+        np.put_along_axis(rank, best_first, np.arange(p.shape[1])[None, :], axis=1)
+        on |= rank < min_labels
+        if max_labels:
+            on &= rank < max_labels
+    return on.astype(np.int64)
+
+
 def exact_match_accuracy(y_true, y_pred) -> float:
     """Multi-label: fraction of rows whose whole 0/1 vector is right."""
     t, p = _pair(y_true, y_pred)

@@ -48,6 +48,8 @@ from common import (
     float_range,
     format_table,
     macro_f1,
+    multi_hot,
+    nonneg_int,
     parse_args,
     per_class_accuracy,
     positive_float,
@@ -261,9 +263,10 @@ def tune_thresholds(
     return thr
 
 
-def exact_match(probs: np.ndarray, labels: np.ndarray, thresholds) -> float:
-    """Exact-match accuracy of thresholded multi-label probabilities."""
-    pred = (np.asarray(probs) >= np.asarray(thresholds)).astype(np.int64)
+def exact_match(probs: np.ndarray, labels: np.ndarray, thresholds, limits=(0, 0)) -> float:
+    """Exact-match accuracy of thresholded multi-label probabilities (`limits`: the
+    --min-labels / --max-labels of common.multi_hot)."""
+    pred = multi_hot(probs, thresholds, *limits)
     return accuracy((np.asarray(labels) > 0.5).astype(np.int64), pred)
 
 
@@ -486,12 +489,12 @@ def _thresholds_file(p: Path, classes: list[str]) -> np.ndarray:
 # Metrics (common.py's, the one implementation)
 
 
-def label_metrics(probs: np.ndarray, y: np.ndarray, classes, multi_label, thresholds) -> dict:
+def label_metrics(probs, y, classes, multi_label, thresholds, limits=(0, 0)) -> dict:
     """accuracy (exact match if multi-label), macro-F1 and per-class accuracy of predictions."""
     k = len(classes)
     if multi_label:
         t = (np.asarray(y) > 0.5).astype(np.int64)
-        pred = (probs >= thresholds).astype(np.int64)
+        pred = multi_hot(probs, thresholds, *limits)
         support = t.sum(0)
     else:
         keep = np.asarray(y) >= 0
@@ -635,6 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-label: per-class thresholds maximising F1 or exact match on the "
         "checkpoint's val split (saved as <out stem>.thresholds.json)",
     )
+    g.add_argument(
+        "--min-labels",
+        type=nonneg_int,
+        default=0,
+        help="multi-label: an image with fewer labels over their thresholds gets its most likely "
+        "others (highest probability / threshold) up to this many, e.g. 1 where every image has "
+        "one",
+    )
+    g.add_argument(
+        "--max-labels",
+        type=nonneg_int,
+        default=0,
+        help="multi-label: keep at most this many labels per image, the most likely (0: no cap)",
+    )
     g.add_argument("--confusion", default=None, metavar="FILE.png", help="confusion matrix plot")
 
     g = models.add_runtime_flags(p)
@@ -710,6 +727,7 @@ def run(args) -> dict:
             m.model.to(rt.device)
     if args.threshold is not None and not multi_label:
         raise UserError("--threshold: only for multi-label checkpoints (single-label: argmax)")
+    _check_limits(args, multi_label, len(classes))
     thresholds = read_thresholds(args.threshold or "0.5", classes) if multi_label else None
     path = args.data
     if not path:  # the data the first checkpoint was trained on
@@ -735,11 +753,12 @@ def run(args) -> dict:
         result["thresholds"] = {k: tuned[k] for k in ("at_0.5", "tuned", "file")}
 
     kind = "multi" if multi_label else ("mask" if ds.fmt == "mask" else "single")
-    labels = (probs >= thresholds).astype(np.int64) if multi_label else probs.argmax(1)
+    limits = (args.min_labels, args.max_labels)
+    labels = multi_hot(probs, thresholds, *limits) if multi_label else probs.argmax(1)
     y = _labels_in(ds, meta0, ckpts[0].path)
     metrics = m = None
     if y is not None and len(ds):
-        m = label_metrics(probs, y.numpy(), classes, multi_label, thresholds)
+        m = label_metrics(probs, y.numpy(), classes, multi_label, thresholds, limits)
         if m["n"]:
             _print_per_class(m, classes, multi_label)
             metrics = {k: v for k, v in m.items() if not k.startswith("_")}
@@ -782,6 +801,19 @@ def run(args) -> dict:
     return result
 
 
+def _check_limits(args, multi_label: bool, k: int) -> None:
+    """--min-labels / --max-labels: multi-label only, at most the classes, min <= max."""
+    lo, hi = args.min_labels, args.max_labels
+    if (lo or hi) and not multi_label:
+        flag = "--min-labels" if lo else "--max-labels"
+        raise UserError(f"{flag}: only for multi-label checkpoints (single-label: argmax)")
+    if lo > k or hi > k:
+        flag, n = ("--min-labels", lo) if lo > k else ("--max-labels", hi)
+        raise UserError(f"{flag} {n}: the model has {k} classes; give at most {k}")
+    if hi and lo > hi:
+        raise UserError(f"--min-labels {lo} exceeds --max-labels {hi}; give min <= max")
+
+
 def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
     """Per-class thresholds tuned on the checkpoints' val split (written beside --out later);
     `ds` / `probs` are the predicted `split`'s, reused when it is val.
@@ -801,7 +833,9 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
     vy = vy.numpy()
     thresholds = tune_thresholds(vp, vy, args.tune_threshold)
     score = exact_match if args.tune_threshold == "exact" else _macro_f1_at
-    before, after = score(vp, vy, np.full(len(classes), 0.5)), score(vp, vy, thresholds)
+    limits = (args.min_labels, args.max_labels)
+    before = score(vp, vy, np.full(len(classes), 0.5), limits)
+    after = score(vp, vy, thresholds, limits)
     record = {
         "metric": args.tune_threshold,
         "classes": classes,
@@ -810,6 +844,8 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
         "val_hash": ckpts[0].meta.split.get("val_hash"),
         "val_score_at_0.5": before,
         "val_score_tuned": after,
+        "min_labels": args.min_labels,  # the scores' decision rule (not applied on reading)
+        "max_labels": args.max_labels,
         "checkpoints": [c.path for c in ckpts],
         "tta": [v.name for v in views],
     }
@@ -823,8 +859,8 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
     return thresholds, {"at_0.5": before, "tuned": after, "file": tfile, "record": record}, seconds
 
 
-def _macro_f1_at(probs, labels, thresholds) -> float:
-    pred = (np.asarray(probs) >= np.asarray(thresholds)).astype(np.int64)
+def _macro_f1_at(probs, labels, thresholds, limits=(0, 0)) -> float:
+    pred = multi_hot(probs, thresholds, *limits)
     return macro_f1((np.asarray(labels) > 0.5).astype(np.int64), pred)
 
 
@@ -849,6 +885,8 @@ def _print_summary(job: Job, ds: data.ImageSet, r: dict, total: float) -> None:
             f"{r['images_per_s']:,.0f} ({r['seconds']:.2f} s predicting, {total:.2f} s total)",
         ],
     ]
+    if args.min_labels or args.max_labels:
+        rows.append(["labels per image", f"{args.min_labels} to {args.max_labels or 'any'}"])
     m = r["metrics"]
     if m:
         acc = "exact-match accuracy" if ckpts[0].meta.multi_label else "accuracy"

@@ -57,6 +57,7 @@ from common import (
     jsonable,
     list_of,
     macro_f1,
+    multi_hot,
     nonneg_float,
     nonneg_int,
     open_fraction,
@@ -845,7 +846,7 @@ def metrics_from_probs(
         y = labels.float()
         p = probs.clamp(eps, 1 - eps)
         loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean().item()
-        t, pred = y.bool().numpy(), (probs >= threshold).numpy()
+        t, pred = y.bool().numpy().astype(np.int64), multi_hot(probs.numpy(), threshold)
         return {
             "loss": loss,
             "acc": accuracy(t, pred),

@@ -50,6 +50,7 @@ from common import (
     list_of,
     macro_f1,
     metric_name,
+    multi_hot,
     natural_key,
     nonneg_float,
     nonneg_int,
@@ -490,7 +491,7 @@ def hard_vote_multi(label_stack, weights=None, tiebreak_probs=None, threshold: f
     out = (pos > neg).astype(np.int64)
     tie = np.abs(pos - neg) <= 1e-9 * max(1.0, w.sum())
     if tiebreak_probs is not None:
-        fallback = (np.asarray(tiebreak_probs) >= threshold).astype(np.int64)
+        fallback = multi_hot(tiebreak_probs, threshold)
     else:
         fallback = lab[int(np.flatnonzero(w > 0)[0])]
     return np.where(tie, fallback, out)
@@ -504,9 +505,7 @@ def soft_vote(prob_list: Sequence, weights=None) -> np.ndarray:
 
 
 def _predict(probs: np.ndarray, multi_label: bool, threshold: float = 0.5) -> np.ndarray:
-    if multi_label:
-        return (probs >= threshold).astype(np.int64)
-    return probs.argmax(1)
+    return multi_hot(probs, threshold) if multi_label else probs.argmax(1)
 
 
 def score_probs(probs, y_true, metric: str = "accuracy", multi_label=False, threshold=0.5) -> float:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import common
 import data
 import infer
 import models
@@ -478,3 +479,61 @@ def test_threshold_for_single_label_is_refused(tiny_idx, tmp_path, capsys):
     code, err = run_cli([ck, "--data", str(tiny_idx), "--threshold", "0.3", "--out",
                          str(tmp_path / "s.csv")], capsys)  # fmt: skip
     assert code == 2 and "--threshold" in err and not (tmp_path / "s.csv").exists()
+
+
+def test_multi_hot_label_limits_hand_computed():
+    p = np.array([[0.9, 0.2, 0.1], [0.3, 0.35, 0.1], [0.8, 0.7, 0.6], [0.0, 0.3, 0.0]])
+    t = np.array([0.5, 0.5, 0.05])
+    plain = [[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]]
+    assert common.multi_hot(p, t).tolist() == plain
+    # ratios p / t: row 3 is (0, 0.6, 0) -> its best is column 1; row 2 keeps 0.6/0.05 and 1.6
+    assert common.multi_hot(p, t, 1, 2).tolist() == [[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]]
+    assert common.multi_hot(p, 0.5, 2).tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
+    # a label that is on outranks every label that is off, even at threshold 0
+    assert common.multi_hot([[0.0, 0.3]], [0.0, 0.5], 0, 1).tolist() == [[1, 0]]
+    assert infer.exact_match(p, [[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], t, (1, 2)) == 1.0
+
+
+def test_min_and_max_labels_through_the_cli(tmp_path, capsys):
+    root = make_multilabel(tmp_path / "ml")
+    ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
+    base = [ck, "--data", str(root), "--return-probs", "--quiet", "--threshold", "0.95"]
+    infer.main([*base, "--out", str(tmp_path / "a.csv")])
+    plain = pd.read_csv(tmp_path / "a.csv")[CLS].to_numpy()
+    assert (plain.sum(1) == 0).any()  # at 0.95 some images have no label
+    r = infer.main([*base, "--out", str(tmp_path / "b.csv"), "--min-labels", "1"])
+    got = pd.read_csv(tmp_path / "b.csv")[CLS].to_numpy()
+    _, probs, _, _ = vote.read_probs(tmp_path / "b.csv")
+    want = plain.copy()
+    empty = plain.sum(1) == 0
+    want[empty, probs[empty].argmax(1)] = 1  # one threshold: the most probable label
+    assert (got == want).all()
+    truth = pd.read_csv(root / "train.csv")[CLS].to_numpy()  # the same order (split all)
+    assert r["metrics"]["accuracy"] == pytest.approx(common.accuracy(truth, want))
+    assert "labels per image" in capsys.readouterr().out
+    infer.main([ck, "--data", str(root), "--out", str(tmp_path / "c.csv"), "--threshold", "0.01",
+                "--max-labels", "1", "--quiet"])  # fmt: skip
+    assert (pd.read_csv(tmp_path / "c.csv")[CLS].to_numpy().sum(1) == 1).all()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--min-labels", "4"], "the model has 3 classes"),
+        (["--min-labels", "2", "--max-labels", "1"], "exceeds --max-labels 1"),
+        (["--max-labels", "-1"], "--max-labels"),
+    ],
+)
+def test_bad_label_limits_are_one_line_errors(tmp_path, capsys, extra, words):
+    root = make_multilabel(tmp_path / "ml")
+    ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
+    code, err = run_cli([ck, "--data", str(root), *extra, "--out", str(tmp_path / "s.csv")], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_label_limits_for_single_label_are_refused(tiny_idx, tmp_path, capsys):
+    ck = save_ckpt(tmp_path / "a.pt", tiny_idx)
+    code, err = run_cli([ck, "--data", str(tiny_idx), "--min-labels", "1", "--out",
+                         str(tmp_path / "s.csv")], capsys)  # fmt: skip
+    assert code == 2 and "--min-labels: only for multi-label" in err
