@@ -919,12 +919,15 @@ def multi_hot(probs, thresholds=0.5, min_labels: int = 0, max_labels: int = 0) -
     thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), p.shape)
     on = p >= thr
     if min_labels or max_labels:
-        best_first = np.lexsort((-(p / np.maximum(thr, 1e-12)), ~on), axis=1)  # on first
-        rank = np.empty_like(best_first)
-        np.put_along_axis(rank, best_first, np.arange(p.shape[1])[None, :], axis=1)
-        on |= rank < min_labels
+        # p / threshold is >= 1 where on and < 1 where off; + on keeps that order at threshold 0
+        key = p / np.maximum(thr, 1e-12) + on
+        best_first = np.argsort(-key, axis=1, kind="stable")
+        rows = np.arange(len(p))[:, None]
+        on[rows, best_first[:, :min_labels]] = True
         if max_labels:
-            on &= rank < max_labels
+            keep = np.zeros_like(on)
+            keep[rows, best_first[:, :max_labels]] = True
+            on &= keep
     return on.astype(np.int64)
 
 
