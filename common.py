@@ -931,6 +931,37 @@ def multi_hot(probs, thresholds=0.5, min_labels: int = 0, max_labels: int = 0) -
     return on.astype(np.int64)
 
 
+def add_label_limit_flags(group) -> None:
+    """--min-labels / --max-labels: the bounds multi_hot applies (infer.py, vote.py)."""
+    group.add_argument(
+        "--min-labels",
+        type=nonneg_int,
+        default=0,
+        help="multi-label: an image with fewer labels over their thresholds gets its most likely "
+        "others (highest probability / threshold) up to this many, e.g. 1 where every image has "
+        "one",
+    )
+    group.add_argument(
+        "--max-labels",
+        type=nonneg_int,
+        default=0,
+        help="multi-label: keep at most this many labels per image, the most likely (0: no cap)",
+    )
+
+
+def check_label_limits(args, multi_label: bool, k: int) -> None:
+    """--min-labels / --max-labels: multi-label only, at most the classes, min <= max."""
+    lo, hi = args.min_labels, args.max_labels
+    if (lo or hi) and not multi_label:
+        flag = "--min-labels" if lo else "--max-labels"
+        raise UserError(f"{flag}: only for multi-label inputs (single-label: argmax)")
+    if lo > k or hi > k:
+        flag, n = ("--min-labels", lo) if lo > k else ("--max-labels", hi)
+        raise UserError(f"{flag} {n}: there are {k} classes; give at most {k}")
+    if hi and lo > hi:
+        raise UserError(f"--min-labels {lo} exceeds --max-labels {hi}; give min <= max")
+
+
 def exact_match_accuracy(y_true, y_pred) -> float:
     """Multi-label: fraction of rows whose whole 0/1 vector is right."""
     t, p = _pair(y_true, y_pred)

@@ -42,14 +42,15 @@ from common import (
     UserError,
     accuracy,
     add_common_flags,
+    add_label_limit_flags,
     brief,
+    check_label_limits,
     cli_errors,
     confusion_matrix,
     float_range,
     format_table,
     macro_f1,
     multi_hot,
-    nonneg_int,
     parse_args,
     per_class_accuracy,
     positive_float,
@@ -685,22 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["f1", "exact"],
         default=None,
         help="multi-label: per-class thresholds maximising F1 or exact match on the "
-        "checkpoint's val split (saved as <out stem>.thresholds.json)",
+        "checkpoint's val split (saved as <out stem>.thresholds.json); exact is tuned under "
+        "--min-labels / --max-labels when they are given",
     )
-    g.add_argument(
-        "--min-labels",
-        type=nonneg_int,
-        default=0,
-        help="multi-label: an image with fewer labels over their thresholds gets its most likely "
-        "others (highest probability / threshold) up to this many, e.g. 1 where every image has "
-        "one",
-    )
-    g.add_argument(
-        "--max-labels",
-        type=nonneg_int,
-        default=0,
-        help="multi-label: keep at most this many labels per image, the most likely (0: no cap)",
-    )
+    add_label_limit_flags(g)
     g.add_argument("--confusion", default=None, metavar="FILE.png", help="confusion matrix plot")
 
     g = models.add_runtime_flags(p)
@@ -776,7 +765,7 @@ def run(args) -> dict:
             m.model.to(rt.device)
     if args.threshold is not None and not multi_label:
         raise UserError("--threshold: only for multi-label checkpoints (single-label: argmax)")
-    _check_limits(args, multi_label, len(classes))
+    check_label_limits(args, multi_label, len(classes))
     thresholds = read_thresholds(args.threshold or "0.5", classes) if multi_label else None
     path = args.data
     if not path:  # the data the first checkpoint was trained on
@@ -848,19 +837,6 @@ def run(args) -> dict:
     )
     _print_summary(job, ds, result, time.perf_counter() - t_start)
     return result
-
-
-def _check_limits(args, multi_label: bool, k: int) -> None:
-    """--min-labels / --max-labels: multi-label only, at most the classes, min <= max."""
-    lo, hi = args.min_labels, args.max_labels
-    if (lo or hi) and not multi_label:
-        flag = "--min-labels" if lo else "--max-labels"
-        raise UserError(f"{flag}: only for multi-label checkpoints (single-label: argmax)")
-    if lo > k or hi > k:
-        flag, n = ("--min-labels", lo) if lo > k else ("--max-labels", hi)
-        raise UserError(f"{flag} {n}: the model has {k} classes; give at most {k}")
-    if hi and lo > hi:
-        raise UserError(f"--min-labels {lo} exceeds --max-labels {hi}; give min <= max")
 
 
 def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):

@@ -44,6 +44,8 @@ from common import (
     UserError,
     accuracy,
     add_common_flags,
+    add_label_limit_flags,
+    check_label_limits,
     cli_errors,
     confusion_matrix,
     format_table,
@@ -504,13 +506,16 @@ def soft_vote(prob_list: Sequence, weights=None) -> np.ndarray:
     return np.tensordot(w / w.sum(), stack, axes=1)
 
 
-def _predict(probs: np.ndarray, multi_label: bool, threshold: float = 0.5) -> np.ndarray:
-    return multi_hot(probs, threshold) if multi_label else probs.argmax(1)
+def _predict(probs: np.ndarray, multi_label: bool, threshold: float = 0.5, limits=(0, 0)):
+    return multi_hot(probs, threshold, *limits) if multi_label else probs.argmax(1)
 
 
-def score_probs(probs, y_true, metric: str = "accuracy", multi_label=False, threshold=0.5) -> float:
-    """Validation score of probabilities: accuracy (exact match if multi-label) or macro-F1."""
-    pred = _predict(np.asarray(probs), multi_label, threshold)
+def score_probs(
+    probs, y_true, metric: str = "accuracy", multi_label=False, threshold=0.5, limits=(0, 0)
+) -> float:
+    """Validation score of probabilities: accuracy (exact match if multi-label) or macro-F1
+    (`limits`: --min-labels / --max-labels, see common.multi_hot)."""
+    pred = _predict(np.asarray(probs), multi_label, threshold, limits)
     try:
         metric = metric_name(metric)
     except argparse.ArgumentTypeError as e:
@@ -765,7 +770,7 @@ def _soft(args, files, weights):
         weights, selection = _caruana(args, classes, multi)
     p = soft_vote(probs, weights)
     if multi:
-        labels = _predict(p, True, args.threshold)
+        labels = _predict(p, True, args.threshold, (args.min_labels, args.max_labels))
     else:
         labels = np.asarray(classes, dtype=object)[p.argmax(1)]
     kind = _resolve_kind(args.kind, meta["kind"], multi)
@@ -787,9 +792,10 @@ def _caruana(args, classes, multi):
         _align_classes(classes, vclasses, p, args.val_probs[0], args.files[0]) for p in vprobs
     ]
     y, _ = _labels_for(args.val_labels, vids, classes, multi, extend=False)
+    limits = (args.min_labels, args.max_labels)
 
     def score(p):
-        return score_probs(p, y, args.metric, multi, args.threshold)
+        return score_probs(p, y, args.metric, multi, args.threshold, limits)
 
     counts, history = caruana_select(
         vprobs, score, args.iters, args.init_sorted, replacement=not args.no_replacement
@@ -977,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="multi-label: predict a class at prob >= this (None: 0.5)",
     )
+    add_label_limit_flags(p)
     p.add_argument(
         "--tiebreak",
         choices=["first", "probs"],
@@ -1068,6 +1075,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             mode = "soft" if all(_is_probs_file(f) for f in files) else "hard"
         if args.return_probs and mode == "hard":
             raise UserError("--return-probs: a hard vote has no probabilities; use --mode soft")
+        if (args.min_labels or args.max_labels) and mode == "hard":
+            flag = "--min-labels" if args.min_labels else "--max-labels"
+            raise UserError(f"{flag}: ranks the averaged probabilities; use --mode soft")
         if args.confusion and not args.labels:
             raise UserError("--confusion: needs --labels (the truth to compare with)")
         refuse_output_on_input(planned_outputs(args), _inputs(args))
@@ -1083,6 +1093,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ids, labels, classes, multi, kind = _hard(args, files, weights)
         if given_threshold and not multi:
             raise UserError("--threshold: the inputs are single-label (argmax); drop it")
+        check_label_limits(args, multi, len(classes))
         scores, cm = (
             _report_scores(args, ids, labels, classes, multi) if args.labels else ({}, None)
         )

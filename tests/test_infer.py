@@ -550,7 +550,7 @@ def test_min_and_max_labels_through_the_cli(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--min-labels", "4"], "the model has 3 classes"),
+        (["--min-labels", "4"], "there are 3 classes"),
         (["--min-labels", "2", "--max-labels", "1"], "exceeds --max-labels 1"),
         (["--max-labels", "-1"], "--max-labels"),
     ],

@@ -303,6 +303,30 @@ def test_cli_multi_label_soft_and_hard(tmp_path):
     assert res["scores"]["accuracy"] == 1.0
 
 
+def test_cli_soft_vote_label_limits(tmp_path, capsys):
+    ids, classes = ["10", "11"], ["A", "B", "C"]
+    files = []
+    for k, p in enumerate([[[0.9, 0.2, 0.6], [0.1, 0.7, 0.3]], [[0.7, 0.4, 0.2], [0.3, 0.5, 0.9]]]):
+        f = tmp_path / f"m{k}.npy"
+        vote.write_probs(f, vote.Probs(ids, np.array(p), classes, multi_label=True))
+        files.append(str(f))
+    out = tmp_path / "ens.csv"
+    base = [*files, "--weights", "1.5,1", "--out", str(out), "--quiet"]
+    # weighted means: row 10 (.82, .28, .44), row 11 (.18, .62, .54)
+    vote.main(base)
+    assert out.read_text().splitlines() == ["index,a,b,c", "10,1,0,0", "11,0,1,1"]
+    vote.main([*base, "--max-labels", "1"])  # row 11 keeps B (.62 > .54)
+    assert out.read_text().splitlines() == ["index,a,b,c", "10,1,0,0", "11,0,1,0"]
+    vote.main([*base, "--min-labels", "2"])  # row 10 adds C (.44 > .28)
+    assert out.read_text().splitlines() == ["index,a,b,c", "10,1,0,1", "11,0,1,1"]
+    before = out.read_bytes()
+    err = _exit2([*base, "--min-labels", "1", "--mode", "hard"], capsys)
+    assert "--min-labels: ranks the averaged probabilities; use --mode soft" in err
+    err = _exit2([*base, "--max-labels", "4"], capsys)
+    assert "--max-labels 4: there are 3 classes" in err
+    assert out.read_bytes() == before
+
+
 def test_cli_mask_hard_vote(tmp_path):
     ids = ["x.jpg", "y.jpg"]
     files = [
