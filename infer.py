@@ -247,11 +247,11 @@ def tune_thresholds(
     labels: np.ndarray,
     metric: str = "f1",
     grid: np.ndarray | None = None,
+    limits=(0, 0),
 ) -> np.ndarray:
     """Per-class thresholds maximising each class's F1 (`f1`) or the exact-match rate (`exact`,
-    coordinate ascent from 0.5, two sweeps over the classes). Tuned without --min-labels /
-    --max-labels: tuning exact match under them fitted the val split (README "Dirty MNIST
-    preset")."""
+    coordinate ascent from 0.5, two sweeps over the classes, scored under `limits`: the
+    --min-labels / --max-labels that common.multi_hot will apply; `f1` is per class)."""
     grid = THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64)
     p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels) > 0.5
     k = p.shape[1]
@@ -262,11 +262,53 @@ def tune_thresholds(
     thr = np.full(k, 0.5)
     for _ in range(2):
         for j in range(k):
+            if any(limits):
+                thr[j] = _pick(_exact_per_threshold(p, y, thr, j, grid, limits), grid)
+                continue
             right = (p >= thr) == y
             others = np.delete(right, j, axis=1).all(1)
             hit = (p[:, j, None] >= grid[None, :]) == y[:, j, None]
             thr[j] = _pick((others[:, None] & hit).mean(0), grid)
     return thr
+
+
+def _exact_per_threshold(p, y, thr, j, grid, limits) -> np.ndarray:
+    """Exact match under common.multi_hot(p, thr, *limits) for each grid value of class j's
+    threshold, the others held, without deciding every grid value. multi_hot ranks the labels
+    by key = p / threshold + on (stable: ties to the lower index) and keeps a prefix of length
+    f = clip(labels on, min, max), so a row is exact iff f equals its number of true labels and
+    every true label outranks every false one."""
+    n, k = p.shape
+    lo, hi = limits
+    key = p / np.maximum(thr, 1e-12) + (p >= thr)
+    pos = np.empty((n, k), dtype=np.int64)  # rank of each label, j included (it is masked below)
+    np.put_along_axis(pos, np.argsort(-key, axis=1, kind="stable"), np.arange(k)[None, :], axis=1)
+    rows = np.arange(n)
+    others = np.arange(k) != j
+    t_pos = np.where(y & others, pos, -1)  # weakest true label other than j: largest rank
+    f_pos = np.where(~y & others, pos, k)  # strongest false label other than j: smallest rank
+    weak_t, strong_f = t_pos.argmax(1), f_pos.argmin(1)
+    has_t, has_f = t_pos.max(1) >= 0, f_pos.min(1) < k
+    kj_t, kj_f = key[rows, weak_t], key[rows, strong_f]
+    rest_ok = ~has_t | ~has_f | (t_pos.max(1) < f_pos.min(1))
+
+    g = np.asarray(grid, dtype=np.float64)[None, :]
+    pj = p[:, j, None]
+    on_j = pj >= g
+    key_j = pj / np.maximum(g, 1e-12) + on_j  # N x G, the same arithmetic as multi_hot
+    count = (p >= thr)[:, others].sum(1)[:, None] + on_j
+    f = np.maximum(count, lo)
+    if hi:
+        f = np.minimum(f, hi)
+    size_ok = f == y.sum(1)[:, None]
+    # "a outranks b": a larger key, or an equal key and a lower index
+    j_beats_f = (key_j > kj_f[:, None]) | ((key_j == kj_f[:, None]) & (j < strong_f)[:, None])
+    t_beats_j = (kj_t[:, None] > key_j) | ((kj_t[:, None] == key_j) & (weak_t < j)[:, None])
+    order_ok = (
+        np.where(y[:, j, None], ~has_f[:, None] | j_beats_f, ~has_t[:, None] | t_beats_j)
+        & rest_ok[:, None]
+    )
+    return (size_ok & order_ok).mean(0)
 
 
 def exact_match(probs: np.ndarray, labels: np.ndarray, thresholds, limits=(0, 0)) -> float:
@@ -642,8 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["f1", "exact"],
         default=None,
         help="multi-label: per-class thresholds maximising F1 or exact match on the "
-        "checkpoint's val split (saved as <out stem>.thresholds.json), then applied with "
-        "--min-labels / --max-labels",
+        "checkpoint's val split (saved as <out stem>.thresholds.json); exact is scored "
+        "under --min-labels / --max-labels",
     )
     add_label_limit_flags(g)
     g.add_argument("--confusion", default=None, metavar="FILE.png", help="confusion matrix plot")
@@ -813,7 +855,7 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
         raise UserError(f"{path}: the val split has no labels; cannot tune thresholds")
     vy = vy.numpy()
     limits = (args.min_labels, args.max_labels)
-    thresholds = tune_thresholds(vp, vy, args.tune_threshold)
+    thresholds = tune_thresholds(vp, vy, args.tune_threshold, limits=limits)
     score = exact_match if args.tune_threshold == "exact" else _macro_f1_at
     before = score(vp, vy, np.full(len(classes), 0.5), limits)
     after = score(vp, vy, thresholds, limits)

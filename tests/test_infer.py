@@ -494,6 +494,37 @@ def test_multi_hot_label_limits_hand_computed():
     assert infer.exact_match(p, [[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], t, (1, 2)) == 1.0
 
 
+def test_exact_tuning_under_label_limits_hand_computed():
+    # one true label per image; row 2's is the least probable everywhere, and its class 2
+    # also reaches 0.2 on row 1, so no threshold alone gets rows 1 and 2 both right
+    p = np.array([[0.6, 0.55, 0.1], [0.3, 0.9, 0.2], [0.2, 0.1, 0.15], [0.45, 0.2, 0.05]])
+    y = np.eye(3)[[0, 1, 2, 0]]
+    plain = infer.tune_thresholds(p, y, "exact")
+    assert infer.exact_match(p, y, plain) == 0.75
+    assert infer.exact_match(p, y, plain, (1, 0)) == 0.75  # class 2 keeps 0.5: 0.15/0.5 < 0.2/0.45
+    aware = infer.tune_thresholds(p, y, "exact", limits=(1, 0))
+    # with --min-labels 1 row 2 takes its best p / threshold: class 2 needs 0.15/t2 > 0.2/t0
+    assert aware[2] < 0.15 / (0.2 / aware[0]) and aware[2] > 0.2  # and row 1 keeps it off
+    assert infer.exact_match(p, y, aware, (1, 0)) == 1.0
+
+
+def test_exact_under_limits_matches_deciding_every_threshold():
+    rng = np.random.default_rng(3)
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    for _ in range(25):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 6))
+        p = np.round(rng.random((n, k)) * 20) / 20  # coarse: ties of p / threshold happen
+        y = rng.random((n, k)) < 0.35
+        thr = grid[rng.integers(0, len(grid), k)]
+        lo, hi = sorted(int(v) for v in rng.integers(0, k + 1, 2))
+        limits = (lo, hi) if rng.random() < 0.5 else (max(lo, 1), 0)
+        for j in range(k):
+            fast = infer._exact_per_threshold(p, y, thr, j, grid, limits)
+            each = [infer.exact_match(p, y, np.where(np.arange(k) == j, g, thr), limits)
+                    for g in grid]  # fmt: skip
+            assert fast.tolist() == pytest.approx(each)
+
+
 def test_min_and_max_labels_through_the_cli(tmp_path, capsys):
     root = make_multilabel(tmp_path / "ml")
     ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
