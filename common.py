@@ -816,7 +816,7 @@ def refuse_together(args: argparse.Namespace, *groups: Sequence[str]) -> None:
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
-    """Flags with the same meaning in every script (SPEC section 5)."""
+    """Flags with the same meaning in every script (README "What is guaranteed")."""
     p.add_argument("--config", help="JSON/YAML file whose keys are flag names; CLI wins")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -1484,17 +1484,6 @@ def mask_heads(labels18):
     return labels18 // 6, (labels18 // 3) % 2, labels18 % 3
 
 
-def combine_heads(
-    mask_logits: torch.Tensor, gender_logits: torch.Tensor, age_logits: torch.Tensor
-) -> torch.Tensor:
-    """18-class log-probs of a 3-head model (N x 3, N x 2, N x 3 logits): log p(mask) +
-    log p(gender) + log p(age) at column mask * 6 + gender * 3 + age."""
-    lm = F.log_softmax(mask_logits.float(), 1)
-    lg = F.log_softmax(gender_logits.float(), 1)
-    la = F.log_softmax(age_logits.float(), 1)
-    return (lm[:, :, None, None] + lg[:, None, :, None] + la[:, None, None, :]).flatten(1)
-
-
 def _scan_mask(root: Path, part: str, opts: Opts) -> Source:
     if root.is_file():
         raise UserError(f"{root}: the mask layout needs the directory holding train/ and eval/")

@@ -55,3 +55,12 @@ def tiny_idx(tmp_path: Path) -> Path:
 def _isolated_cache(tmp_path: Path, monkeypatch) -> None:
     """Keep the decoded-tensor cache inside the test's tmp dir."""
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path / "cache"))
+
+
+def combine_heads(lm, lg, la):
+    """The 3-head joint written out, as a reference for models.joint_log_probs: 18-class
+    log-probs log p(mask) + log p(gender) + log p(age) at column mask * 6 + gender * 3 + age."""
+    import torch.nn.functional as F
+
+    lm, lg, la = (F.log_softmax(z.float(), 1) for z in (lm, lg, la))
+    return (lm[:, :, None, None] + lg[:, None, :, None] + la[:, None, None, :]).flatten(1)

