@@ -936,30 +936,36 @@ def add_label_limit_flags(group) -> None:
     group.add_argument(
         "--min-labels",
         type=nonneg_int,
-        default=0,
+        default=None,
         help="multi-label: an image with fewer labels over their thresholds gets its most likely "
         "others (highest probability / threshold) up to this many, e.g. 1 where every image has "
-        "one",
+        "one (None: 0, or the bounds a --threshold file was tuned with)",
     )
     group.add_argument(
         "--max-labels",
         type=nonneg_int,
-        default=0,
-        help="multi-label: keep at most this many labels per image, the most likely (0: no cap)",
+        default=None,
+        help="multi-label: keep at most this many labels per image, the most likely (0: no cap; "
+        "None: 0, or the bounds a --threshold file was tuned with)",
     )
 
 
-def check_label_limits(args, multi_label: bool, k: int) -> None:
-    """--min-labels / --max-labels: multi-label only, at most the classes, min <= max."""
-    lo, hi = args.min_labels, args.max_labels
-    if (lo or hi) and not multi_label:
-        flag = "--min-labels" if lo else "--max-labels"
-        raise UserError(f"{flag}: only for multi-label inputs (single-label: argmax)")
+def resolve_label_limits(args, multi_label: bool, k: int, recorded=(0, 0)) -> tuple[int, int]:
+    """--min-labels / --max-labels, each `recorded` where not given (the bounds a thresholds
+    file was tuned with), set on args and returned; multi-label only, at most k, min <= max."""
+    given = [f for f, v in (("--min-labels", args.min_labels), ("--max-labels", args.max_labels))
+             if v is not None]  # fmt: skip
+    if given and not multi_label:
+        raise UserError(f"{given[0]}: only for multi-label inputs (single-label: argmax)")
+    lo = int(recorded[0]) if args.min_labels is None else args.min_labels
+    hi = int(recorded[1]) if args.max_labels is None else args.max_labels
     if lo > k or hi > k:
         flag, n = ("--min-labels", lo) if lo > k else ("--max-labels", hi)
         raise UserError(f"{flag} {n}: there are {k} classes; give at most {k}")
     if hi and lo > hi:
         raise UserError(f"--min-labels {lo} exceeds --max-labels {hi}; give min <= max")
+    args.min_labels, args.max_labels = lo, hi
+    return lo, hi
 
 
 def exact_match_accuracy(y_true, y_pred) -> float:

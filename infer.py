@@ -44,7 +44,6 @@ from common import (
     add_common_flags,
     add_label_limit_flags,
     brief,
-    check_label_limits,
     cli_errors,
     confusion_matrix,
     float_range,
@@ -57,6 +56,7 @@ from common import (
     positive_int,
     probability,
     refuse_output_on_input,
+    resolve_label_limits,
     size2,
 )
 
@@ -507,15 +507,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_thresholds(text: str, classes: list[str]) -> np.ndarray:
+def read_thresholds(text: str, classes: list[str]) -> tuple[np.ndarray, tuple[int, int]]:
     """--threshold (checked by threshold_arg): one number for every class, or a JSON file
-    written by --tune-threshold."""
+    written by --tune-threshold; with the --min-labels / --max-labels it was tuned under."""
     if _is_number(text):
-        return np.full(len(classes), float(text))
+        return np.full(len(classes), float(text)), (0, 0)
     return _thresholds_file(Path(text), classes)
 
 
-def _thresholds_file(p: Path, classes: list[str]) -> np.ndarray:
+def _thresholds_file(p: Path, classes: list[str]) -> tuple[np.ndarray, tuple[int, int]]:
     if p.is_dir():
         raise UserError(f"--threshold {p}: is a directory; pass a .thresholds.json file")
     if not p.is_file():
@@ -524,13 +524,16 @@ def _thresholds_file(p: Path, classes: list[str]) -> np.ndarray:
         obj = json.loads(p.read_text(encoding="utf-8"))
         thr = [float(v) for v in obj["thresholds"]]
         cls = [str(c) for c in obj.get("classes", classes)]
-    except (ValueError, KeyError, TypeError) as e:
+        limits = (int(obj.get("min_labels") or 0), int(obj.get("max_labels") or 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{p}: not a thresholds file ({e}); rerun --tune-threshold") from None
     if cls != list(classes) or len(thr) != len(classes):
         raise UserError(f"{p}: thresholds for other classes {brief(cls)}; rerun tuning")
     if not all(0 <= t <= 1 for t in thr):
         raise UserError(f"{p}: thresholds outside [0, 1]; rerun --tune-threshold")
-    return np.array(thr)
+    if min(limits) < 0 or len(classes) < max(limits) or (limits[1] and limits[0] > limits[1]):
+        raise UserError(f"{p}: min_labels / max_labels {limits} impossible; rerun tuning")
+    return np.array(thr), limits
 
 
 # ---------------------------------------------------------------------------
@@ -763,8 +766,16 @@ def run(args) -> dict:
             m.model.to(rt.device)
     if args.threshold is not None and not multi_label:
         raise UserError("--threshold: only for multi-label checkpoints (single-label: argmax)")
-    check_label_limits(args, multi_label, len(classes))
-    thresholds = read_thresholds(args.threshold or "0.5", classes) if multi_label else None
+    thresholds, recorded = (None, (0, 0))
+    if multi_label:
+        thresholds, recorded = read_thresholds(args.threshold or "0.5", classes)
+    given = (args.min_labels, args.max_labels)
+    limits = resolve_label_limits(args, multi_label, len(classes), recorded)
+    if any(recorded) and given == (None, None):
+        print(
+            f"--threshold {args.threshold}: tuned for {_limits_text(limits)} labels per image; "
+            "applying that (--min-labels / --max-labels to change it)"
+        )
     path = args.data
     if not path:  # the data the first checkpoint was trained on
         path = meta0.args.get("data")
@@ -789,7 +800,6 @@ def run(args) -> dict:
         result["thresholds"] = {k: tuned[k] for k in ("at_0.5", "tuned", "file")}
 
     kind = "multi" if multi_label else ("mask" if ds.fmt == "mask" else "single")
-    limits = (args.min_labels, args.max_labels)
     labels = multi_hot(probs, thresholds, *limits) if multi_label else probs.argmax(1)
     y = _labels_in(ds, meta0, ckpts[0].path)
     metrics = m = None
@@ -867,7 +877,7 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
         "val_hash": ckpts[0].meta.split.get("val_hash"),
         "val_score_at_0.5": before,
         "val_score_tuned": after,
-        "min_labels": args.min_labels,  # the scores' decision rule (not applied on reading)
+        "min_labels": args.min_labels,  # the rule tuned for, applied by --threshold FILE
         "max_labels": args.max_labels,
         "checkpoints": [c.path for c in ckpts],
         "tta": [v.name for v in views],
@@ -880,6 +890,10 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
         print("warning: metrics on the split the thresholds were tuned on are optimistic")
     tfile = str(vote.probs_paths(args.out)["thresholds"])
     return thresholds, {"at_0.5": before, "tuned": after, "file": tfile, "record": record}, seconds
+
+
+def _limits_text(limits) -> str:
+    return f"{limits[0]} to {limits[1] or 'any'}"
 
 
 def _macro_f1_at(probs, labels, thresholds, limits=(0, 0)) -> float:
@@ -909,7 +923,7 @@ def _print_summary(job: Job, ds: data.ImageSet, r: dict, total: float) -> None:
         ],
     ]
     if args.min_labels or args.max_labels:
-        rows.append(["labels per image", f"{args.min_labels} to {args.max_labels or 'any'}"])
+        rows.append(["labels per image", _limits_text((args.min_labels, args.max_labels))])
     m = r["metrics"]
     if m:
         acc = "exact-match accuracy" if ckpts[0].meta.multi_label else "accuracy"

@@ -45,7 +45,6 @@ from common import (
     accuracy,
     add_common_flags,
     add_label_limit_flags,
-    check_label_limits,
     cli_errors,
     confusion_matrix,
     format_table,
@@ -63,6 +62,7 @@ from common import (
     pyplot,
     read_csv,
     refuse_output_on_input,
+    resolve_label_limits,
 )
 
 KINDS = ("single", "mask", "multi")
@@ -765,6 +765,7 @@ def _labels_for(path, ids, classes, multi: bool, extend: bool):
 def _soft(args, files, weights):
     ids, probs, classes, meta = _load_probs_set(files, args.kind)
     multi = bool(meta["multi_label"])
+    resolve_label_limits(args, multi, len(classes))
     selection = None
     if args.select == "caruana":
         weights, selection = _caruana(args, classes, multi)
@@ -1093,7 +1094,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ids, labels, classes, multi, kind = _hard(args, files, weights)
         if given_threshold and not multi:
             raise UserError("--threshold: the inputs are single-label (argmax); drop it")
-        check_label_limits(args, multi, len(classes))
         scores, cm = (
             _report_scores(args, ids, labels, classes, multi) if args.labels else ({}, None)
         )

@@ -547,6 +547,40 @@ def test_min_and_max_labels_through_the_cli(tmp_path, capsys):
     assert (pd.read_csv(tmp_path / "c.csv")[CLS].to_numpy().sum(1) == 1).all()
 
 
+def test_thresholds_file_brings_the_label_bounds_it_was_tuned_for(tmp_path, capsys):
+    root = make_multilabel(tmp_path / "ml")
+    ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
+    base = [ck, "--data", str(root), "--quiet", "--return-probs", "--split", "all"]
+    infer.main([*base, "--tune-threshold", "exact", "--min-labels", "1", "--max-labels", "2",
+                "--out", str(tmp_path / "t.csv")])  # fmt: skip
+    rec = json.loads((tmp_path / "t.thresholds.json").read_text())
+    assert (rec["min_labels"], rec["max_labels"]) == (1, 2)
+    tfile = tmp_path / "high.thresholds.json"  # every label off alone: the bound decides
+    tfile.write_text(json.dumps({**rec, "thresholds": [0.999] * 3, "max_labels": 1}))
+    capsys.readouterr()
+    again = [*base, "--threshold", str(tfile)]
+    infer.main([*again, "--out", str(tmp_path / "a.csv")])
+    assert "tuned for 1 to 1 labels per image; applying that" in capsys.readouterr().out
+    _, probs, _, _ = vote.read_probs(tmp_path / "a.csv")
+    got = pd.read_csv(tmp_path / "a.csv")[CLS].to_numpy()
+    assert probs.max() < 0.999 and (got == np.eye(3, dtype=int)[probs.argmax(1)]).all()
+    # given flags win: 0 / 0 is the plain per-class thresholding, here nothing
+    infer.main([*again, "--min-labels", "0", "--max-labels", "0", "--out", str(tmp_path / "b.csv")])
+    assert pd.read_csv(tmp_path / "b.csv")[CLS].to_numpy().sum() == 0
+    assert "applying" not in capsys.readouterr().out
+
+
+def test_thresholds_file_with_impossible_bounds_is_refused(tmp_path, capsys):
+    root = make_multilabel(tmp_path / "ml")
+    ck = save_ckpt(tmp_path / "ml.pt", root, multi_label=True, val=0.25)
+    bad = tmp_path / "bad.thresholds.json"
+    bad.write_text(json.dumps({"classes": CLS, "thresholds": [0.5] * 3, "min_labels": 5}))
+    code, err = run_cli([ck, "--data", str(root), "--threshold", str(bad), "--out",
+                         str(tmp_path / "s.csv")], capsys)  # fmt: skip
+    assert code == 2 and "bad.thresholds.json: min_labels / max_labels (5, 0) impossible" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
 @pytest.mark.parametrize(
     "extra, words",
     [
