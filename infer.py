@@ -19,7 +19,6 @@ companions (probabilities, metrics, thresholds, --confusion) then appear togethe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -48,22 +47,24 @@ from common import (
     confusion_matrix,
     float_range,
     format_table,
+    is_number,
     macro_f1,
     multi_hot,
     parse_args,
     per_class_accuracy,
     positive_float,
     positive_int,
-    probability,
+    read_thresholds,
     refuse_output_on_input,
     resolve_label_limits,
     size2,
+    threshold_arg,
+    tune_thresholds,
 )
 
 TTA_NAMES = ("flip", "vflip", "rot90", "shift", "scale", "five-crop")
 MERGES = ("mean", "gmean", "max")
 SPLIT_CHOICES = ("auto", *data.SPLITS)
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 
 # ---------------------------------------------------------------------------
 # TTA views: (augment, de-augment) pairs of functions on an N x C x H x W batch, built from
@@ -220,95 +221,6 @@ def tta_forward(views: Sequence[View], merge: str = "mean", multi_label: bool = 
         return merge_views(probs, merge, multi_label)
 
     return forward
-
-
-# ---------------------------------------------------------------------------
-# Thresholds for multi-label outputs (pure numpy)
-
-
-def _f1_per_threshold(p: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    pred = p[:, None] >= grid[None, :]
-    pos = y.astype(bool)[:, None]
-    tp = (pred & pos).sum(0)
-    fp = (pred & ~pos).sum(0)
-    fn = (~pred & pos).sum(0)
-    denom = 2 * tp + fp + fn
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)  # nothing to find: perfect
-
-
-def _pick(scores: np.ndarray, grid: np.ndarray) -> float:
-    """Best threshold; ties go to the one nearest 0.5 (the untuned default)."""
-    best = np.flatnonzero(scores >= scores.max() - 1e-12)
-    return float(grid[best[np.argmin(np.abs(grid[best] - 0.5))]])
-
-
-def tune_thresholds(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    metric: str = "f1",
-    grid: np.ndarray | None = None,
-    limits=(0, 0),
-) -> np.ndarray:
-    """Per-class thresholds maximising each class's F1 (`f1`) or the exact-match rate (`exact`,
-    coordinate ascent from 0.5, two sweeps over the classes, scored under `limits`: the
-    --min-labels / --max-labels that common.multi_hot will apply; `f1` is per class)."""
-    grid = THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64)
-    p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels) > 0.5
-    k = p.shape[1]
-    if metric == "f1":
-        return np.array([_pick(_f1_per_threshold(p[:, j], y[:, j], grid), grid) for j in range(k)])
-    if metric != "exact":
-        raise UserError(f"--tune-threshold {metric}: choose f1 or exact")
-    thr = np.full(k, 0.5)
-    for _ in range(2):
-        for j in range(k):
-            if any(limits):
-                thr[j] = _pick(_exact_per_threshold(p, y, thr, j, grid, limits), grid)
-                continue
-            right = (p >= thr) == y
-            others = np.delete(right, j, axis=1).all(1)
-            hit = (p[:, j, None] >= grid[None, :]) == y[:, j, None]
-            thr[j] = _pick((others[:, None] & hit).mean(0), grid)
-    return thr
-
-
-def _exact_per_threshold(p, y, thr, j, grid, limits) -> np.ndarray:
-    """Exact match under common.multi_hot(p, thr, *limits) for each grid value of class j's
-    threshold, the others held, without deciding every grid value. multi_hot ranks the labels
-    by key = p / threshold + on (stable: ties to the lower index) and keeps a prefix of length
-    f = clip(labels on, min, max), so a row is exact iff f equals its number of true labels and
-    every true label outranks every false one."""
-    n, k = p.shape
-    lo, hi = limits
-    key = p / np.maximum(thr, 1e-12) + (p >= thr)
-    pos = np.empty((n, k), dtype=np.int64)  # rank of each label, j included (it is masked below)
-    np.put_along_axis(pos, np.argsort(-key, axis=1, kind="stable"), np.arange(k)[None, :], axis=1)
-    rows = np.arange(n)
-    others = np.arange(k) != j
-    t_pos = np.where(y & others, pos, -1)  # weakest true label other than j: largest rank
-    f_pos = np.where(~y & others, pos, k)  # strongest false label other than j: smallest rank
-    weak_t, strong_f = t_pos.argmax(1), f_pos.argmin(1)
-    has_t, has_f = t_pos.max(1) >= 0, f_pos.min(1) < k
-    kj_t, kj_f = key[rows, weak_t], key[rows, strong_f]
-    rest_ok = ~has_t | ~has_f | (t_pos.max(1) < f_pos.min(1))
-
-    g = np.asarray(grid, dtype=np.float64)[None, :]
-    pj = p[:, j, None]
-    on_j = pj >= g
-    key_j = pj / np.maximum(g, 1e-12) + on_j  # N x G, the same arithmetic as multi_hot
-    count = (p >= thr)[:, others].sum(1)[:, None] + on_j
-    f = np.maximum(count, lo)
-    if hi:
-        f = np.minimum(f, hi)
-    size_ok = f == y.sum(1)[:, None]
-    # "a outranks b": a larger key, or an equal key and a lower index
-    j_beats_f = (key_j > kj_f[:, None]) | ((key_j == kj_f[:, None]) & (j < strong_f)[:, None])
-    t_beats_j = (kj_t[:, None] > key_j) | ((kj_t[:, None] == key_j) & (weak_t < j)[:, None])
-    order_ok = (
-        np.where(y[:, j, None], ~has_f[:, None] | j_beats_f, ~has_t[:, None] | t_beats_j)
-        & rest_ok[:, None]
-    )
-    return (size_ok & order_ok).mean(0)
 
 
 def exact_match(probs: np.ndarray, labels: np.ndarray, thresholds, limits=(0, 0)) -> float:
@@ -490,50 +402,6 @@ def ensemble_predict(job: Job, split: str):
         probs.append(p.numpy())
     merged = vote.soft_vote(probs, parse_weights(args.weights, len(ckpts))).astype(np.float32)
     return next(iter(sets.values())), merged, split, seconds
-
-
-def threshold_arg(text: str) -> str:
-    """argparse type of --threshold: a probability in [0, 1] or the path of a thresholds file."""
-    if _is_number(text):
-        probability(text)
-    return text
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def read_thresholds(text: str, classes: list[str]) -> tuple[np.ndarray, tuple[int, int]]:
-    """--threshold (checked by threshold_arg): one number for every class, or a JSON file
-    written by --tune-threshold; with the --min-labels / --max-labels it was tuned under."""
-    if _is_number(text):
-        return np.full(len(classes), float(text)), (0, 0)
-    return _thresholds_file(Path(text), classes)
-
-
-def _thresholds_file(p: Path, classes: list[str]) -> tuple[np.ndarray, tuple[int, int]]:
-    if p.is_dir():
-        raise UserError(f"--threshold {p}: is a directory; pass a .thresholds.json file")
-    if not p.is_file():
-        raise UserError(f"--threshold {p}: neither a number nor a thresholds JSON file")
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-        thr = [float(v) for v in obj["thresholds"]]
-        cls = [str(c) for c in obj.get("classes", classes)]
-        limits = (int(obj.get("min_labels") or 0), int(obj.get("max_labels") or 0))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{p}: not a thresholds file ({e}); rerun --tune-threshold") from None
-    if cls != list(classes) or len(thr) != len(classes):
-        raise UserError(f"{p}: thresholds for other classes {brief(cls)}; rerun tuning")
-    if not all(0 <= t <= 1 for t in thr):
-        raise UserError(f"{p}: thresholds outside [0, 1]; rerun --tune-threshold")
-    if min(limits) < 0 or len(classes) < max(limits) or (limits[1] and limits[0] > limits[1]):
-        raise UserError(f"{p}: min_labels / max_labels {limits} impossible; rerun tuning")
-    return np.array(thr), limits
 
 
 # ---------------------------------------------------------------------------
@@ -723,7 +591,7 @@ def planned_outputs(args) -> list[tuple[str, Path]]:
 def _refuse_outputs_on_inputs(args, outs, data_path: str) -> None:
     """No output may be a checkpoint, the thresholds file, the config, or a file of the data."""
     inputs = [("CKPT", p) for p in args.checkpoints] + [("--config", args.config)]
-    if args.threshold is not None and not _is_number(args.threshold):
+    if args.threshold is not None and not is_number(args.threshold):
         inputs.append(("--threshold", args.threshold))
     root = Path(data_path)
     if root.is_file():

@@ -176,10 +176,10 @@ def test_one_stacked_forward_per_batch():
 def test_tune_thresholds():
     probs = np.array([[0.35, 0.9], [0.40, 0.1], [0.10, 0.8], [0.20, 0.3]])
     labels = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
-    t = infer.tune_thresholds(probs, labels, "f1")
+    t = common.tune_thresholds(probs, labels, "f1")
     # column 0: any threshold in (0.20, 0.35] is perfect; ties go to the one nearest 0.5
     assert t[0] == pytest.approx(0.35) and 0.3 < t[1] <= 0.8
-    t2 = infer.tune_thresholds(probs, labels, "exact")
+    t2 = common.tune_thresholds(probs, labels, "exact")
     assert infer.exact_match(probs, labels, t2) == 1.0
     assert infer.exact_match(probs, labels, [0.5, 0.5]) == 0.5
 
@@ -499,10 +499,10 @@ def test_exact_tuning_under_label_limits_hand_computed():
     # also reaches 0.2 on row 1, so no threshold alone gets rows 1 and 2 both right
     p = np.array([[0.6, 0.55, 0.1], [0.3, 0.9, 0.2], [0.2, 0.1, 0.15], [0.45, 0.2, 0.05]])
     y = np.eye(3)[[0, 1, 2, 0]]
-    plain = infer.tune_thresholds(p, y, "exact")
+    plain = common.tune_thresholds(p, y, "exact")
     assert infer.exact_match(p, y, plain) == 0.75
     assert infer.exact_match(p, y, plain, (1, 0)) == 0.75  # class 2 keeps 0.5: 0.15/0.5 < 0.2/0.45
-    aware = infer.tune_thresholds(p, y, "exact", limits=(1, 0))
+    aware = common.tune_thresholds(p, y, "exact", limits=(1, 0))
     # with --min-labels 1 row 2 takes its best p / threshold: class 2 needs 0.15/t2 > 0.2/t0
     assert aware[2] < 0.15 / (0.2 / aware[0]) and aware[2] > 0.2  # and row 1 keeps it off
     assert infer.exact_match(p, y, aware, (1, 0)) == 1.0
@@ -519,7 +519,7 @@ def test_exact_under_limits_matches_deciding_every_threshold():
         lo, hi = sorted(int(v) for v in rng.integers(0, k + 1, 2))
         limits = (lo, hi) if rng.random() < 0.5 else (max(lo, 1), 0)
         for j in range(k):
-            fast = infer._exact_per_threshold(p, y, thr, j, grid, limits)
+            fast = common._exact_per_threshold(p, y, thr, j, grid, limits)
             each = [infer.exact_match(p, y, np.where(np.arange(k) == j, g, thr), limits)
                     for g in grid]  # fmt: skip
             assert fast.tolist() == pytest.approx(each)
