@@ -48,6 +48,7 @@ from common import (
     cli_errors,
     confusion_matrix,
     format_table,
+    is_number,
     list_of,
     macro_f1,
     metric_name,
@@ -58,11 +59,14 @@ from common import (
     parse_args,
     per_class_accuracy,
     positive_int,
-    probability,
     pyplot,
     read_csv,
+    read_thresholds,
     refuse_output_on_input,
+    refuse_together,
     resolve_label_limits,
+    threshold_arg,
+    tune_thresholds,
 )
 
 KINDS = ("single", "mask", "multi")
@@ -765,22 +769,28 @@ def _labels_for(path, ids, classes, multi: bool, extend: bool):
 def _soft(args, files, weights):
     ids, probs, classes, meta = _load_probs_set(files, args.kind)
     multi = bool(meta["multi_label"])
-    resolve_label_limits(args, multi, len(classes))
-    selection = None
+    thr, recorded = read_thresholds(args.threshold or "0.5", classes) if multi else (0.5, (0, 0))
+    limits = resolve_label_limits(args, multi, len(classes), recorded)
+    if args.tune_threshold and not multi:
+        raise UserError("--tune-threshold: only for multi-label inputs (single-label: argmax)")
+    selection = tuned = None
     if args.select == "caruana":
-        weights, selection = _caruana(args, classes, multi)
+        weights, selection = _caruana(args, classes, multi, thr)
+    if args.tune_threshold:
+        thr, tuned = _tune(args, classes, weights, limits)
     p = soft_vote(probs, weights)
     if multi:
-        labels = _predict(p, True, args.threshold, (args.min_labels, args.max_labels))
+        labels = _predict(p, True, thr, limits)
     else:
         labels = np.asarray(classes, dtype=object)[p.argmax(1)]
     kind = _resolve_kind(args.kind, meta["kind"], multi)
-    return ids, labels, classes, multi, kind, p, weights, selection
+    return ids, labels, classes, multi, kind, p, weights, selection, tuned
 
 
-def _caruana(args, classes, multi):
+def _val_set(args, classes, multi, flag: str):
+    """--val-probs (one per FILE, aligned to `classes`) and the --val-labels they are scored on."""
     if not args.val_probs or not args.val_labels:
-        raise UserError("--select caruana: needs --val-probs (one per FILE) and --val-labels")
+        raise UserError(f"{flag}: needs --val-probs (one per FILE) and --val-labels")
     if len(args.val_probs) != len(args.files):
         raise UserError(
             f"--val-probs: {len(args.val_probs)} files for {len(args.files)} FILEs; give one "
@@ -793,10 +803,44 @@ def _caruana(args, classes, multi):
         _align_classes(classes, vclasses, p, args.val_probs[0], args.files[0]) for p in vprobs
     ]
     y, _ = _labels_for(args.val_labels, vids, classes, multi, extend=False)
+    return vprobs, y
+
+
+def _tune(args, classes, weights, limits):
+    """Per-class thresholds tuned on the soft vote of --val-probs (the same weights), with the
+    record written beside --out as <stem>.thresholds.json."""
+    vprobs, y = _val_set(args, classes, True, "--tune-threshold")
+    vp = soft_vote(vprobs, weights)
+    thr = tune_thresholds(vp, y, args.tune_threshold, limits=limits)
+    metric = "accuracy" if args.tune_threshold == "exact" else "macro_f1"
+    before = score_probs(vp, y, metric, True, 0.5, limits)
+    after = score_probs(vp, y, metric, True, thr, limits)
+    print(
+        f"thresholds tuned for {args.tune_threshold} on {len(y)} val rows of the vote: "
+        f"{before:.4f} at 0.5 -> {after:.4f} (range {thr.min():.2f}..{thr.max():.2f})"
+    )
+    record = {
+        "metric": args.tune_threshold,
+        "classes": list(classes),
+        "thresholds": thr.tolist(),
+        "val_images": len(y),
+        "val_score_at_0.5": before,
+        "val_score_tuned": after,
+        "min_labels": limits[0],  # the rule tuned for, applied by --threshold FILE
+        "max_labels": limits[1],
+        "files": list(args.files),
+        "val_files": list(args.val_probs),
+        "weights": None if weights is None else [float(w) for w in weights],
+    }
+    return thr, record
+
+
+def _caruana(args, classes, multi, thr):
+    vprobs, y = _val_set(args, classes, multi, "--select caruana")
     limits = (args.min_labels, args.max_labels)
 
     def score(p):
-        return score_probs(p, y, args.metric, multi, args.threshold, limits)
+        return score_probs(p, y, args.metric, multi, thr, limits)
 
     counts, history = caruana_select(
         vprobs, score, args.iters, args.init_sorted, replacement=not args.no_replacement
@@ -980,9 +1024,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threshold",
-        type=probability,
+        type=threshold_arg,
         default=None,
-        help="multi-label: predict a class at prob >= this (None: 0.5)",
+        help="multi-label: predict a class at prob >= this (None: 0.5), or per class from a "
+        "<stem>.thresholds.json of infer.py / vote.py --tune-threshold (soft vote)",
+    )
+    p.add_argument(
+        "--tune-threshold",
+        choices=["f1", "exact"],
+        default=None,
+        help="multi-label soft vote: per-class thresholds maximising F1 or exact match on the "
+        "vote of --val-probs against --val-labels (saved as <out stem>.thresholds.json)",
     )
     add_label_limit_flags(p)
     p.add_argument(
@@ -1070,27 +1122,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if mode == "hard":
                 raise UserError("--select caruana: averages probabilities; drop --mode hard")
             mode = "soft"
-        elif args.val_probs or args.val_labels:
-            raise UserError("--val-probs / --val-labels: only used with --select caruana")
+        elif (args.val_probs or args.val_labels) and not args.tune_threshold:
+            raise UserError(
+                "--val-probs / --val-labels: only used with --select caruana or --tune-threshold"
+            )
+        refuse_together(args, ("--threshold", "--tune-threshold"))
         if mode == "auto":
             mode = "soft" if all(_is_probs_file(f) for f in files) else "hard"
         if args.return_probs and mode == "hard":
             raise UserError("--return-probs: a hard vote has no probabilities; use --mode soft")
-        if (args.min_labels or args.max_labels) and mode == "hard":
-            flag = "--min-labels" if args.min_labels else "--max-labels"
-            raise UserError(f"{flag}: ranks the averaged probabilities; use --mode soft")
+        soft_only = [
+            ("--min-labels", args.min_labels),
+            ("--max-labels", args.max_labels),
+            ("--tune-threshold", args.tune_threshold),
+            ("--threshold FILE", args.threshold and not is_number(args.threshold)),
+        ]
+        for flag, given in soft_only:
+            if given and mode == "hard":
+                raise UserError(f"{flag}: works on the averaged probabilities; use --mode soft")
         if args.confusion and not args.labels:
             raise UserError("--confusion: needs --labels (the truth to compare with)")
-        refuse_output_on_input(planned_outputs(args), _inputs(args))
+        tuned_file = [("--tune-threshold", probs_paths(args.out)["thresholds"])]
+        refuse_output_on_input(planned_outputs(args, tuned_file if args.tune_threshold else ()),
+                               _inputs(args))  # fmt: skip
         check_plot_path(args.confusion)
         given_threshold = args.threshold is not None
-        args.threshold = 0.5 if args.threshold is None else args.threshold
-        selection = probs = None
+        selection = probs = tuned = None
         if mode == "soft":
-            ids, labels, classes, multi, kind, probs, weights, selection = _soft(
+            ids, labels, classes, multi, kind, probs, weights, selection, tuned = _soft(
                 args, files, weights
             )
         else:
+            args.threshold = float(args.threshold or 0.5)  # a number: files are soft only
             ids, labels, classes, multi, kind = _hard(args, files, weights)
         if given_threshold and not multi:
             raise UserError("--threshold: the inputs are single-label (argmax); drop it")
@@ -1106,6 +1169,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 written += write_probs(args.out, pr, args.probs_format, out)
             if cm is not None:
                 written.append(plot_confusion(*cm, args.confusion, out=out))
+            if tuned is not None:
+                tfile = probs_paths(args.out)["thresholds"]
+                out.json(tfile, tuned)
+                written.append(str(tfile))
     w_text = "equal" if weights is None else ",".join(f"{w:g}" for w in weights)
     score_text = "".join(f", {k.replace('_', '-')} {v:.4f}" for k, v in scores.items())
     print(
@@ -1122,6 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "weights": None if weights is None else weights.tolist(),
         "scores": scores,
         "selection": selection,
+        "thresholds": tuned,
     }
 
 

@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -321,9 +322,50 @@ def test_cli_soft_vote_label_limits(tmp_path, capsys):
     assert out.read_text().splitlines() == ["index,a,b,c", "10,1,0,1", "11,0,1,1"]
     before = out.read_bytes()
     err = _exit2([*base, "--min-labels", "1", "--mode", "hard"], capsys)
-    assert "--min-labels: ranks the averaged probabilities; use --mode soft" in err
+    assert "--min-labels: works on the averaged probabilities; use --mode soft" in err
     err = _exit2([*base, "--max-labels", "4"], capsys)
     assert "--max-labels 4: there are 3 classes" in err
+    assert out.read_bytes() == before
+
+
+def test_cli_soft_vote_tunes_thresholds_on_the_val_vote(tmp_path, capsys):
+    classes = ["A", "B"]
+
+    def probs(name, ids, p):
+        f = tmp_path / f"{name}.npy"
+        vote.write_probs(f, vote.Probs(ids, np.array(p), classes, multi_label=True))
+        return str(f)
+
+    vids, tids = ["v0", "v1", "v2", "v3"], ["t0", "t1"]
+    # vote of the two (weights 1, 1): val A = .3 .35 .1 .2 with truth 1 1 0 0 -> threshold in
+    # (.2, .3], nearest 0.5: 0.30; val B = .8 .1 .9 .4 with truth 1 0 1 0 -> in (.4, .8]: 0.5
+    va = probs("va", vids, [[0.4, 0.7], [0.3, 0.2], [0.0, 1.0], [0.3, 0.4]])
+    vb = probs("vb", vids, [[0.2, 0.9], [0.4, 0.0], [0.2, 0.8], [0.1, 0.4]])
+    ta = probs("ta", tids, [[0.4, 0.9], [0.1, 0.3]])
+    tb = probs("tb", tids, [[0.2, 0.7], [0.3, 0.1]])
+    vlab = tmp_path / "val.csv"
+    vote.write_submission(vlab, vids, [[1, 1], [1, 0], [0, 1], [0, 0]], "multi", classes)
+    out = tmp_path / "ens.csv"
+    r = vote.main([ta, tb, "--tune-threshold", "exact", "--val-probs", va, vb, "--val-labels",
+                   str(vlab), "--out", str(out), "--quiet"])  # fmt: skip
+    rec = json.loads((tmp_path / "ens.thresholds.json").read_text())
+    assert rec["thresholds"] == pytest.approx([0.30, 0.50]) and rec["val_score_tuned"] == 1.0
+    assert rec["val_score_at_0.5"] == 0.5 and r["thresholds"]["classes"] == classes  # v0, v1 miss A
+    # test vote: A .3 / .2 -> 1 / 0 at 0.30 (0 / 0 at 0.5); B .8 / .2 -> 1 / 0
+    assert out.read_text().splitlines() == ["index,a,b", "t0,1,1", "t1,0,0"]
+    # the file applies to a later vote as it is
+    vote.main([ta, tb, "--threshold", str(tmp_path / "ens.thresholds.json"), "--out",
+               str(tmp_path / "again.csv"), "--quiet"])  # fmt: skip
+    assert (tmp_path / "again.csv").read_text() == out.read_text()
+    before = out.read_bytes()
+    err = _exit2([ta, tb, "--tune-threshold", "exact", "--out", str(out)], capsys)
+    assert "--tune-threshold: needs --val-probs (one per FILE) and --val-labels" in err
+    err = _exit2([ta, tb, "--threshold", "0.4", "--tune-threshold", "f1", "--out", str(out)],
+                 capsys)  # fmt: skip
+    assert "--threshold and --tune-threshold cannot be used together" in err
+    err = _exit2([ta, tb, "--mode", "hard", "--threshold", str(tmp_path / "ens.thresholds.json"),
+                  "--out", str(out)], capsys)  # fmt: skip
+    assert "--threshold FILE: works on the averaged probabilities; use --mode soft" in err
     assert out.read_bytes() == before
 
 
