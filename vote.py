@@ -1086,6 +1086,8 @@ def _inputs(args) -> list[tuple[str, Path]]:
     out += [
         (flag, getattr(args, flag[2:].replace("-", "_"))) for flag in ("--labels", "--val-labels")
     ]
+    if args.threshold is not None and not is_number(args.threshold):
+        out.append(("--threshold", args.threshold))
     return out + [("--config", args.config)]
 
 

@@ -366,6 +366,10 @@ def test_cli_soft_vote_tunes_thresholds_on_the_val_vote(tmp_path, capsys):
     err = _exit2([ta, tb, "--mode", "hard", "--threshold", str(tmp_path / "ens.thresholds.json"),
                   "--out", str(out)], capsys)  # fmt: skip
     assert "--threshold FILE: works on the averaged probabilities; use --mode soft" in err
+    tfile = tmp_path / "ens.thresholds.json"
+    keep = tfile.read_bytes()
+    err = _exit2([ta, tb, "--threshold", str(tfile), "--out", str(tfile)], capsys)
+    assert "--threshold" in err and tfile.read_bytes() == keep
     assert out.read_bytes() == before
 
 
