@@ -223,13 +223,6 @@ def tta_forward(views: Sequence[View], merge: str = "mean", multi_label: bool = 
     return forward
 
 
-def exact_match(probs: np.ndarray, labels: np.ndarray, thresholds, limits=(0, 0)) -> float:
-    """Exact-match accuracy of thresholded multi-label probabilities (`limits`: the
-    --min-labels / --max-labels of common.multi_hot)."""
-    pred = multi_hot(probs, thresholds, *limits)
-    return accuracy((np.asarray(labels) > 0.5).astype(np.int64), pred)
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints
 
@@ -734,9 +727,9 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
     vy = vy.numpy()
     limits = (args.min_labels, args.max_labels)
     thresholds = tune_thresholds(vp, vy, args.tune_threshold, limits=limits)
-    score = exact_match if args.tune_threshold == "exact" else _macro_f1_at
-    before = score(vp, vy, np.full(len(classes), 0.5), limits)
-    after = score(vp, vy, thresholds, limits)
+    metric = "accuracy" if args.tune_threshold == "exact" else "macro_f1"
+    before = vote.score_probs(vp, vy, metric, True, 0.5, limits)
+    after = vote.score_probs(vp, vy, metric, True, thresholds, limits)
     record = {
         "metric": args.tune_threshold,
         "classes": classes,
@@ -762,11 +755,6 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
 
 def _limits_text(limits) -> str:
     return f"{limits[0]} to {limits[1] or 'any'}"
-
-
-def _macro_f1_at(probs, labels, thresholds, limits=(0, 0)) -> float:
-    pred = multi_hot(probs, thresholds, *limits)
-    return macro_f1((np.asarray(labels) > 0.5).astype(np.int64), pred)
 
 
 def _print_summary(job: Job, ds: data.ImageSet, r: dict, total: float) -> None:

@@ -173,6 +173,12 @@ def test_one_stacked_forward_per_batch():
     assert p.shape == (10, 3) and torch.allclose(p.sum(1), torch.ones(10), atol=1e-5)
 
 
+def exact_match(probs, labels, thresholds, limits=(0, 0)) -> float:
+    """Exact match of thresholded probabilities, as infer.py and vote.py score them."""
+    y = (np.asarray(labels) > 0.5).astype(np.int64)
+    return vote.score_probs(np.asarray(probs), y, "accuracy", True, thresholds, limits)
+
+
 def test_tune_thresholds():
     probs = np.array([[0.35, 0.9], [0.40, 0.1], [0.10, 0.8], [0.20, 0.3]])
     labels = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
@@ -180,8 +186,8 @@ def test_tune_thresholds():
     # column 0: any threshold in (0.20, 0.35] is perfect; ties go to the one nearest 0.5
     assert t[0] == pytest.approx(0.35) and 0.3 < t[1] <= 0.8
     t2 = common.tune_thresholds(probs, labels, "exact")
-    assert infer.exact_match(probs, labels, t2) == 1.0
-    assert infer.exact_match(probs, labels, [0.5, 0.5]) == 0.5
+    assert exact_match(probs, labels, t2) == 1.0
+    assert exact_match(probs, labels, [0.5, 0.5]) == 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -491,7 +497,7 @@ def test_multi_hot_label_limits_hand_computed():
     assert common.multi_hot(p, 0.5, 2).tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
     # a label that is on outranks every label that is off, even at threshold 0
     assert common.multi_hot([[0.0, 0.3]], [0.0, 0.5], 0, 1).tolist() == [[1, 0]]
-    assert infer.exact_match(p, [[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], t, (1, 2)) == 1.0
+    assert exact_match(p, [[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], t, (1, 2)) == 1.0
 
 
 def test_exact_tuning_under_label_limits_hand_computed():
@@ -500,12 +506,12 @@ def test_exact_tuning_under_label_limits_hand_computed():
     p = np.array([[0.6, 0.55, 0.1], [0.3, 0.9, 0.2], [0.2, 0.1, 0.15], [0.45, 0.2, 0.05]])
     y = np.eye(3)[[0, 1, 2, 0]]
     plain = common.tune_thresholds(p, y, "exact")
-    assert infer.exact_match(p, y, plain) == 0.75
-    assert infer.exact_match(p, y, plain, (1, 0)) == 0.75  # class 2 keeps 0.5: 0.15/0.5 < 0.2/0.45
+    assert exact_match(p, y, plain) == 0.75
+    assert exact_match(p, y, plain, (1, 0)) == 0.75  # class 2 keeps 0.5: 0.15/0.5 < 0.2/0.45
     aware = common.tune_thresholds(p, y, "exact", limits=(1, 0))
     # with --min-labels 1 row 2 takes its best p / threshold: class 2 needs 0.15/t2 > 0.2/t0
     assert aware[2] < 0.15 / (0.2 / aware[0]) and aware[2] > 0.2  # and row 1 keeps it off
-    assert infer.exact_match(p, y, aware, (1, 0)) == 1.0
+    assert exact_match(p, y, aware, (1, 0)) == 1.0
 
 
 def test_exact_under_limits_matches_deciding_every_threshold():
@@ -520,7 +526,7 @@ def test_exact_under_limits_matches_deciding_every_threshold():
         limits = (lo, hi) if rng.random() < 0.5 else (max(lo, 1), 0)
         for j in range(k):
             fast = common._exact_per_threshold(p, y, thr, j, grid, limits)
-            each = [infer.exact_match(p, y, np.where(np.arange(k) == j, g, thr), limits)
+            each = [exact_match(p, y, np.where(np.arange(k) == j, g, thr), limits)
                     for g in grid]  # fmt: skip
             assert fast.tolist() == pytest.approx(each)
 

@@ -353,6 +353,9 @@ def test_cli_soft_vote_tunes_thresholds_on_the_val_vote(tmp_path, capsys):
     assert rec["val_score_at_0.5"] == 0.5 and r["thresholds"]["classes"] == classes  # v0, v1 miss A
     # test vote: A .3 / .2 -> 1 / 0 at 0.30 (0 / 0 at 0.5); B .8 / .2 -> 1 / 0
     assert out.read_text().splitlines() == ["index,a,b", "t0,1,1", "t1,0,0"]
+    r = vote.main([ta, tb, "--tune-threshold", "f1", "--val-probs", va, vb, "--val-labels",
+                   str(vlab), "--out", str(tmp_path / "f1.csv"), "--quiet"])  # fmt: skip
+    assert r["thresholds"]["metric"] == "f1" and r["thresholds"]["val_score_tuned"] == 1.0
     # the file applies to a later vote as it is
     vote.main([ta, tb, "--threshold", str(tmp_path / "ens.thresholds.json"), "--out",
                str(tmp_path / "again.csv"), "--quiet"])  # fmt: skip
