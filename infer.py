@@ -59,7 +59,6 @@ from common import (
     resolve_label_limits,
     size2,
     threshold_arg,
-    tune_thresholds,
 )
 
 TTA_NAMES = ("flip", "vflip", "rot90", "shift", "scale", "five-crop")
@@ -726,31 +725,17 @@ def tune_on_val(job: Job, split: str, ds: data.ImageSet, probs: np.ndarray):
         raise UserError(f"{path}: the val split has no labels; cannot tune thresholds")
     vy = vy.numpy()
     limits = (args.min_labels, args.max_labels)
-    thresholds = tune_thresholds(vp, vy, args.tune_threshold, limits=limits)
-    metric = "accuracy" if args.tune_threshold == "exact" else "macro_f1"
-    before = vote.score_probs(vp, vy, metric, True, 0.5, limits)
-    after = vote.score_probs(vp, vy, metric, True, thresholds, limits)
-    record = {
-        "metric": args.tune_threshold,
-        "classes": classes,
-        "thresholds": thresholds.tolist(),
-        "val_images": len(vs),
-        "val_hash": ckpts[0].meta.split.get("val_hash"),
-        "val_score_at_0.5": before,
-        "val_score_tuned": after,
-        "min_labels": args.min_labels,  # the rule tuned for, applied by --threshold FILE
-        "max_labels": args.max_labels,
-        "checkpoints": [c.path for c in ckpts],
-        "tta": [v.name for v in views],
-    }
-    print(
-        f"thresholds tuned for {args.tune_threshold} on {len(vs)} val images: {before:.4f} "
-        f"at 0.5 -> {after:.4f} (range {thresholds.min():.2f}..{thresholds.max():.2f})"
+    thresholds, record = vote.tune_record(
+        vp, vy, args.tune_threshold, limits, classes, "val images"
     )
+    record["val_hash"] = ckpts[0].meta.split.get("val_hash")
+    record["checkpoints"] = [c.path for c in ckpts]
+    record["tta"] = [v.name for v in views]
     if split == "val":
         print("warning: metrics on the split the thresholds were tuned on are optimistic")
     tfile = str(vote.probs_paths(args.out)["thresholds"])
-    return thresholds, {"at_0.5": before, "tuned": after, "file": tfile, "record": record}, seconds
+    scores = {"at_0.5": record["val_score_at_0.5"], "tuned": record["val_score_tuned"]}
+    return thresholds, {**scores, "file": tfile, "record": record}, seconds
 
 
 def _limits_text(limits) -> str:

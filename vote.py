@@ -810,17 +810,27 @@ def _tune(args, classes, weights, limits):
     """Per-class thresholds tuned on the soft vote of --val-probs (the same weights), with the
     record written beside --out as <stem>.thresholds.json."""
     vprobs, y = _val_set(args, classes, True, "--tune-threshold")
-    vp = soft_vote(vprobs, weights)
-    thr = tune_thresholds(vp, y, args.tune_threshold, limits=limits)
-    metric = "accuracy" if args.tune_threshold == "exact" else "macro_f1"
-    before = score_probs(vp, y, metric, True, 0.5, limits)
-    after = score_probs(vp, y, metric, True, thr, limits)
-    print(
-        f"thresholds tuned for {args.tune_threshold} on {len(y)} val rows of the vote: "
-        f"{before:.4f} at 0.5 -> {after:.4f} (range {thr.min():.2f}..{thr.max():.2f})"
+    thr, record = tune_record(
+        soft_vote(vprobs, weights), y, args.tune_threshold, limits, classes, "val rows of the vote"
     )
-    record = {
-        "metric": args.tune_threshold,
+    record["files"], record["val_files"] = list(args.files), list(args.val_probs)
+    record["weights"] = None if weights is None else [float(w) for w in weights]
+    return thr, record
+
+
+def tune_record(probs, y, metric: str, limits, classes, what: str) -> tuple[np.ndarray, dict]:
+    """Thresholds tuned on (probs, y) for `metric` (f1 | exact) under `limits`, the core of
+    the thresholds file they are written to (infer.py and vote.py), and one line saying so."""
+    thr = tune_thresholds(probs, y, metric, limits=limits)
+    score = "accuracy" if metric == "exact" else "macro_f1"
+    before = score_probs(probs, y, score, True, 0.5, limits)
+    after = score_probs(probs, y, score, True, thr, limits)
+    print(
+        f"thresholds tuned for {metric} on {len(y)} {what}: {before:.4f} at 0.5 -> {after:.4f} "
+        f"(range {thr.min():.2f}..{thr.max():.2f})"
+    )
+    return thr, {
+        "metric": metric,
         "classes": list(classes),
         "thresholds": thr.tolist(),
         "val_images": len(y),
@@ -828,11 +838,7 @@ def _tune(args, classes, weights, limits):
         "val_score_tuned": after,
         "min_labels": limits[0],  # the rule tuned for, applied by --threshold FILE
         "max_labels": limits[1],
-        "files": list(args.files),
-        "val_files": list(args.val_probs),
-        "weights": None if weights is None else [float(w) for w in weights],
     }
-    return thr, record
 
 
 def _caruana(args, classes, multi, thr):
